@@ -1,0 +1,252 @@
+"""The editing entry points: ``edit``, ``EditResult.undo``, ``save_deltas`` / ``apply_deltas``.
+
+Example::
+
+    model, tok = lmedit.load_model()
+    result = lmedit.edit(model, tok, [EditRequest("The mother tongue of {} is", "Danielle Darrieux",
+                                                  "English", "French")], method="emmet")
+    result.undo()          # the exact original weights again
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lmedit import __version__
+from lmedit._fs import atomic_path
+from lmedit.core.context import context_templates
+from lmedit.core.distribute import spread_over_layers
+from lmedit.core.stats import second_moments
+from lmedit.core.targets import TargetResult, compute_targets
+from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
+from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
+from lmedit.methods import EditHParams, get_method
+from lmedit.models.adapters import ModelAdapter, get_adapter
+from lmedit.models.loading import fingerprint
+from lmedit.presets import preset_values
+from lmedit.requests import EditRequest, validate_batch
+
+log = logging.getLogger(__name__)
+_HISTORY_ATTR = "_lmedit_history"
+
+
+def history(model: nn.Module) -> list["EditResult"]:
+    """The stack of edits applied to ``model`` through lmedit (oldest first)."""
+    if not hasattr(model, _HISTORY_ATTR):
+        object.__setattr__(model, _HISTORY_ATTR, [])
+    return getattr(model, _HISTORY_ATTR)
+
+
+@dataclass
+class EditResult:
+    """What one call of :func:`edit` (or :func:`apply_deltas`) changed, and how to take it back."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    method: str
+    hparams: dict[str, Any]
+    requests: list[EditRequest]
+    applied: AppliedEdit
+    base_fingerprint: str
+    timings: dict[str, float] = field(default_factory=dict)
+    targets: TargetResult | None = None
+    layer_info: dict[int, dict[str, float]] = field(default_factory=dict)
+    undone: bool = False
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.applied.deltas)
+
+    @property
+    def deltas(self) -> dict[int, torch.Tensor]:
+        """Per layer, the applied update (d_out, d_in), float32."""
+        return self.applied.deltas
+
+    def undo(self) -> None:
+        """Restore the weights this edit changed, bit-exactly. Later edits must be undone first."""
+        if self.undone:
+            raise LmeditError("this edit was already undone")
+        stack = history(self.model)
+        if stack and stack[-1] is not self:
+            raise LmeditError(f"undo the {len(stack) - 1 - stack.index(self)} later edit(s) first "
+                              "(edits are undone in reverse order)" if self in stack else "this edit is not on the model's history")
+        restore(self.model, self.adapter, self.applied.originals)
+        if stack:
+            stack.pop()
+        self.undone = True
+
+    def save_deltas(self, path: str | Path) -> Path:
+        """Write the updates as safetensors (with method, layers, requests and base fingerprint)."""
+        path = Path(path)
+        meta = {
+            "format": "lmedit-deltas", "lmedit_version": __version__, "method": self.method,
+            "layers": json.dumps(self.layers), "base_model": self.base_fingerprint,
+            "model_type": self.adapter.model_type, "hparams": json.dumps(self.hparams),
+            "requests": json.dumps([r.to_dict() for r in self.requests]),
+            "params": json.dumps({str(l): self.adapter.edit_param_name(l) for l in self.layers}),
+        }
+        tensors = {f"layer.{l}": d.contiguous() for l, d in self.applied.deltas.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+
+def _as_requests(requests: Sequence[EditRequest | Mapping[str, Any]] | EditRequest) -> list[EditRequest]:
+    if isinstance(requests, (EditRequest, Mapping)):
+        requests = [requests]  # type: ignore[list-item]
+    out = []
+    for i, r in enumerate(requests):
+        if isinstance(r, EditRequest):
+            out.append(r)
+        elif isinstance(r, Mapping):
+            out.append(EditRequest.from_dict(dict(r), index=i))
+        else:
+            raise RequestError(f"request {i}: expected an EditRequest or a dict, got {type(r).__name__}")
+    validate_batch(out)
+    return out
+
+
+def resolve_hparams(model: nn.Module, method: str, preset: str | None = None, **overrides: Any) -> tuple[str, EditHParams]:
+    """The method's hyperparameters for ``model``: preset values, then ``overrides``."""
+    m = get_method(method)
+    name, values = preset_values(model, m.name, preset)
+    values.update(overrides)
+    unknown = sorted(set(values) - set(m.hparams_cls.field_names()))
+    if unknown:
+        raise HyperparameterError(f"unknown hyperparameter(s) {', '.join(unknown)} for method {m.name!r}; "
+                                  f"known: {', '.join(m.hparams_cls.field_names())}")
+    hp = m.hparams_cls.from_dict(values)
+    n = get_adapter(model).n_layers(model)
+    bad = [l for l in hp.layers if l >= n]
+    if bad:
+        raise HyperparameterError(f"layers {bad} are out of range: the model has layers 0..{n - 1}")
+    return name, hp
+
+
+def edit(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest | Mapping[str, Any]] | EditRequest,
+    method: str = "emmet",
+    *,
+    preset: str | None = None,
+    covariances: Mapping[int, torch.Tensor] | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> EditResult:
+    """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
+
+    Example: ``res = edit(model, tok, reqs, method="memit", layers=[4, 5, 6, 7, 8], mom2_update_weight=1500)``
+
+    ``overrides`` set hyperparameters (see ``lmedit.methods``); ``preset`` picks a per-model
+    preset (default: matched from the model's architecture). ``covariances`` supplies C per
+    layer instead of computing or loading statistics. The edit is atomic: if anything fails
+    (a bad request, a singular solve, NaN, KeyboardInterrupt), no weight is left changed.
+    """
+    t_start = time.perf_counter()
+    reqs = _as_requests(requests)
+    m = get_method(method)
+    preset_name, hp = resolve_hparams(model, m.name, preset, **overrides)
+    adapter = get_adapter(model)
+    adapter.check(model)
+    base_fp = fingerprint(model, adapter)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    C = _covariances(model, tokenizer, adapter, hp, covariances, base_fp, progress)
+    timings["stats_s"] = time.perf_counter() - t0
+    groups = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
+    flat = [t for g in groups for t in g]
+    solve = hp.solver()
+    z_layer = hp.layers[-1]
+    layer_info: dict[int, dict[str, float]] = {}
+    target_parts: list[TargetResult] = []
+    with WeightTransaction(model, adapter) as tx:
+        batches = [[r] for r in reqs] if m.sequential else [reqs]
+        for batch in batches:
+            t0 = time.perf_counter()
+            tr = compute_targets(model, tokenizer, adapter, batch, flat, z_layer, hp.target_config(),
+                                 progress=progress and len(batches) == 1)
+            timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
+            target_parts.append(tr)
+            layer_info = spread_over_layers(model, tokenizer, adapter, tx, batch, groups, hp.layers, tr.targets,
+                                            C, solve, timings)
+    targets = _cat_targets(target_parts)
+    timings["total_s"] = time.perf_counter() - t_start
+    result = EditResult(model=model, adapter=adapter, method=m.name, hparams={"preset": preset_name, **hp.to_dict()},
+                        requests=reqs, applied=tx.record, base_fingerprint=base_fp, timings=timings,
+                        targets=targets, layer_info=layer_info)
+    history(model).append(result)
+    return result
+
+
+def _cat_targets(parts: list[TargetResult]) -> TargetResult:
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return TargetResult(targets=cat("targets"), init=cat("init"), delta=cat("delta"), loss=cat("loss"),
+                        steps=cat("steps"), target_prob=cat("target_prob"))
+
+
+def _covariances(model, tokenizer, adapter, hp: EditHParams, given, base_fp, progress) -> dict[int, torch.Tensor]:
+    if given is not None:
+        out = {}
+        for layer in hp.layers:
+            if layer not in given:
+                raise HyperparameterError(f"covariances: no matrix for layer {layer} (given: {sorted(given)})")
+            C = torch.as_tensor(given[layer])
+            d_in = adapter.weight(model, layer).shape[1]
+            if C.shape != (d_in, d_in):
+                raise HyperparameterError(f"covariances[{layer}] has shape {tuple(C.shape)}, expected ({d_in}, {d_in})")
+            if not torch.isfinite(C).all():
+                raise HyperparameterError(f"covariances[{layer}] contains NaN or inf")
+            out[layer] = C
+        return out
+    if not hp.mom2_adjustment:
+        return {l: torch.eye(adapter.weight(model, l).shape[1], dtype=torch.float64) for l in hp.layers}
+    return second_moments(model, tokenizer, adapter, hp.layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_n_samples,
+                          max_length=hp.mom2_max_length, dtype=hp.mom2_dtype, forward_dtype=hp.mom2_forward_dtype,
+                          model_fingerprint=base_fp, progress=progress)
+
+
+def apply_deltas(model: nn.Module, path: str | Path, *, allow_other_model: bool = False) -> EditResult:
+    """Apply a delta file written by :meth:`EditResult.save_deltas` (refuses another base model).
+
+    Example: ``lmedit.apply_deltas(model, "edits.safetensors").undo()``
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"delta file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CacheError(f"delta file {path} is unreadable or corrupt ({e})") from e
+    if meta.get("format") != "lmedit-deltas":
+        raise CacheError(f"{path} is not an lmedit delta file (no 'format: lmedit-deltas' metadata)")
+    adapter = get_adapter(model)
+    fp = fingerprint(model, adapter)
+    if meta.get("base_model") != fp and not allow_other_model:
+        raise CacheError(f"delta file {path} was made for model {meta.get('base_model')}, this model is {fp}; "
+                         "refusing to apply it (pass allow_other_model=True to force)")
+    with WeightTransaction(model, adapter) as tx:
+        for key, delta in sorted(tensors.items()):
+            tx.add(int(key.split(".")[1]), delta)
+    reqs = [EditRequest.from_dict(d) for d in json.loads(meta.get("requests", "[]"))]
+    result = EditResult(model=model, adapter=adapter, method=meta.get("method", "?"),
+                        hparams=json.loads(meta.get("hparams", "{}")), requests=reqs, applied=tx.record,
+                        base_fingerprint=fp)
+    history(model).append(result)
+    return result

@@ -1,0 +1,290 @@
+"""Command line: ``lmedit demo | edit | eval | sweep``; a thin layer over the library.
+
+Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
+
+Errors are printed as one line ``lmedit: error: ...`` with exit code 2, never a traceback
+(``LMEDIT_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 2
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        if "-" in text and "," not in text:
+            a, b = text.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must look like 4,5,6 or 4-8, got {text!r}") from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    from lmedit.methods.base import parse_value
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_value(v.strip())
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF directory or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
+    p.add_argument("--method", default="emmet", help="rome, memit or emmet (default emmet)")
+    p.add_argument("--layers", type=_parse_layers, default=None, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
+    p.add_argument("--preset", default=None, help="hyperparameter preset (default: matched from the architecture)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter, e.g. --set mom2_update_weight=1500 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmedit", description="Edit facts in Hugging Face causal LMs (ROME, MEMIT, EMMET).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="apply edits from a request file and show before/after")
+    _common(p)
+    p.add_argument("--requests", required=True, help="request file (CounterFact, EasyEdit, zsRE or plain JSON/JSONL)")
+    p.add_argument("--format", default=None, help="request file format (default: detected)")
+    p.add_argument("--n", type=int, default=None, help="use the first N requests")
+    p.add_argument("--save-deltas", default=None, help="write the weight updates to this .safetensors file")
+    p.add_argument("--save-model", default=None, help="save the edited model to this directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = sub.add_parser("demo", help="edit the embedded model with a small example file (the README's main job)")
+    p.add_argument("--method", default="emmet")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="edit records in batches and report CounterFact / zsRE metrics")
+    _common(p)
+    p.add_argument("--data", required=True, help="data file")
+    p.add_argument("--format", default=None, help="counterfact, easyedit, zsre or plain (default: detected)")
+    p.add_argument("--n", type=int, default=None, help="number of records")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sequential", action="store_true", help="let batches accumulate (sequential batched editing)")
+    p.add_argument("--generation", action="store_true", help="also measure generation entropy (fluency)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("sweep", help="grid of methods x batch sizes with tables and plots")
+    _common(p)
+    p.add_argument("--methods", default="memit,emmet")
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", default=None)
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--out", default="sweep")
+    p.add_argument("--set-method", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="override a hyperparameter for one method only, e.g. memit:mom2_update_weight=1500")
+    return parser
+
+
+def _load(args):
+    import lmedit
+
+    model, tok = lmedit.load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    return model, tok
+
+
+def _overrides(args) -> dict[str, Any]:
+    ov = _parse_sets(args.sets)
+    if args.layers is not None:
+        ov["layers"] = args.layers
+    if args.preset is not None:
+        ov["preset"] = args.preset
+    return ov
+
+
+def _probe(model, tok, requests) -> list[dict[str, Any]]:
+    """P(target_new), P(target_true) (whole-sequence probabilities) and a greedy continuation per request."""
+    from lmedit.evaluate.scoring import generate_texts, score_continuations
+
+    prefixes = [r.text for r in requests for _ in (0, 1)]
+    conts = [t for r in requests for t in (r.target_new, r.target_true or r.target_new)]
+    scored = score_continuations(model, tok, prefixes, conts)
+    gens = generate_texts(model, tok, [r.text for r in requests], max_new_tokens=8)
+    out = []
+    for i, r in enumerate(requests):
+        p_new = math.exp(float(scored[2 * i][0].sum()))
+        p_true = math.exp(float(scored[2 * i + 1][0].sum())) if r.target_true else None
+        out.append({"p_new": p_new, "p_true": p_true, "continuation": gens[i]})
+    return out
+
+
+def _edit_report(model, tok, requests, method: str, overrides: dict[str, Any], progress: bool):
+    import lmedit
+
+    pre = _probe(model, tok, requests)
+    preset = overrides.pop("preset", None)
+    result = lmedit.edit(model, tok, requests, method=method, preset=preset, progress=progress, **overrides)
+    post = _probe(model, tok, requests)
+    report = {
+        "method": result.method, "layers": result.layers,
+        "requests": [
+            {"subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+             "pre": pre[i], "post": post[i]} for i, r in enumerate(requests)
+        ],
+        "timings": {k: round(result.timings.get(k, 0.0), 3) for k in ("stats_s", "targets_s", "keys_s", "solve_s", "total_s")},
+        "hparams": result.hparams,
+    }
+    return result, report
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:6.2f}%"
+
+    print(f"method {report['method']}, layers {report['layers']}")
+    for r in report["requests"]:
+        print(f"\n{r['prompt']!r}: {r['target_true']!r} -> {r['target_new']!r}")
+        print(f"  before  P(new) {pct(r['pre']['p_new'])}  P(true) {pct(r['pre']['p_true'])}   {r['pre']['continuation']!r}")
+        print(f"  after   P(new) {pct(r['post']['p_new'])}  P(true) {pct(r['post']['p_true'])}   {r['post']['continuation']!r}")
+    t = report["timings"]
+    print(f"\ntimings: statistics {t['stats_s']:.1f} s, targets {t['targets_s']:.1f} s, keys {t['keys_s']:.1f} s, "
+          f"solve {t['solve_s']:.2f} s, total {t['total_s']:.1f} s")
+
+
+def cmd_edit(args) -> int:
+    import lmedit
+
+    requests = lmedit.load_requests(args.requests, format=args.format, limit=args.n)
+    overrides = _overrides(args)
+    model, tok = _load(args)
+    result, report = _edit_report(model, tok, requests, args.method, overrides, progress=not args.quiet)
+    if args.save_deltas:
+        result.save_deltas(args.save_deltas)
+        report["deltas"] = str(args.save_deltas)
+    if args.save_model:
+        from lmedit._fs import atomic_path
+
+        with atomic_path(args.save_model, directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        report["model_dir"] = str(args.save_model)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_table(report)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import importlib.resources
+
+    import lmedit
+
+    path = importlib.resources.files("lmedit") / "examples" / "demo_requests.json"
+    requests = lmedit.load_requests(str(path))
+    print("loading the embedded model (SmolLM2-135M-Instruct; converted once to a cache, then ~1 s)")
+    model, tok = lmedit.load_model()
+    overrides = {"mom2_forward_dtype": "auto", "compute_dtype": "auto"}
+    print(f"editing {len(requests)} facts with {args.method} (statistics are computed once and cached)")
+    _, report = _edit_report(model, tok, requests, args.method, overrides, progress=not args.quiet)
+    _print_table(report)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import lmedit
+    from lmedit.evaluate.experiment import METRIC_KEYS, format_table, run_eval
+
+    requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
+    kind = "zsre" if (args.format == "zsre" or (args.format is None and _detect(args.data) == "zsre")) else "counterfact"
+    model, tok = _load(args)
+    out = run_eval(model, tok, requests, method=args.method, batch_size=args.batch_size, sequential=args.sequential,
+                   kind=kind, generation=args.generation, model_name=args.model or "embedded:smollm2-135m-instruct",
+                   progress=not args.quiet, **_overrides(args))
+    if args.out:
+        from lmedit._fs import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        keys = [k for k in (*METRIC_KEYS, "generation_entropy", "efficacy_accuracy", "paraphrase_accuracy", "specificity")
+                if k in out["post"]]
+        rows = [{"": "pre", **out["pre"]}, {"": "post", **out["post"]}]
+        print(f"{out['method']} on {out['n']} records, batch size {out['batch_size']}"
+              f"{' (sequential)' if out['sequential'] else ''}")
+        print(format_table(rows, ["", *keys]))
+        t = out["timings"]
+        print(f"timings: statistics {t['stats_s']:.1f} s, targets {t['targets_s']:.1f} s, keys {t['keys_s']:.1f} s, "
+              f"solve {t['solve_s']:.1f} s, evaluation {t['eval_s']:.1f} s, total {t['total_s']:.1f} s "
+              f"({t['edit_s_per_request']:.2f} s per edit)")
+    return 0
+
+
+def _detect(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+        return "zsre" if '"src"' in head and '"alt"' in head else None
+    except OSError:
+        return None
+
+
+def cmd_sweep(args) -> int:
+    import lmedit
+    from lmedit.evaluate.experiment import run_sweep
+
+    requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
+    kind = "zsre" if _detect(args.data) == "zsre" else "counterfact"
+    per_method: dict[str, dict[str, Any]] = {}
+    for item in args.set_method:
+        if ":" not in item:
+            raise ValueError(f"--set-method expects METHOD:KEY=VALUE, got {item!r}")
+        meth, kv = item.split(":", 1)
+        per_method.setdefault(meth, {}).update(_parse_sets([kv]))
+    model, tok = _load(args)
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    rows = run_sweep(model, tok, requests, methods=args.methods.split(","), batch_sizes=sizes, out_dir=args.out,
+                     kind=kind, model_name=args.model or "embedded:smollm2-135m-instruct",
+                     method_overrides=per_method, progress=not args.quiet, **_overrides(args))
+    print((Path(args.out) / "table.md").read_text())
+    return 0 if rows else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lmedit._runtime import configure_logging, configure_threads
+
+    configure_logging(quiet=getattr(args, "quiet", False))
+    configure_threads()
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"
+    from lmedit.errors import LmeditError
+
+    handlers = {"edit": cmd_edit, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("lmedit: interrupted; no weight was left changed", file=sys.stderr)
+        return 130
+    except (LmeditError, ValueError, KeyError, IndexError, OSError) as e:
+        if os.environ.get("LMEDIT_DEBUG"):
+            raise
+        msg = str(e) if not isinstance(e, KeyError) or isinstance(e, LmeditError) else str(e.args[0] if e.args else e)
+        print(f"lmedit: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pieces shared by every editing method; no method names inside."""

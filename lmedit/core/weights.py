@@ -1,0 +1,76 @@
+"""Applying weight updates atomically, and undoing them bit-exactly.
+
+Example::
+
+    with WeightTransaction(model, adapter) as tx:   # any exception restores every weight
+        tx.add(5, dW5)
+        tx.add(6, dW6)
+    record = tx.record                               # originals + applied deltas, for undo
+
+The update is applied as ``W <- cast(W.float64 + dW)`` once, so a half-precision weight is rounded
+once; the original tensor is kept (on CPU) so undo restores the exact bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmedit.errors import SolveError
+from lmedit.models.adapters import ModelAdapter
+
+
+@dataclass
+class AppliedEdit:
+    """What a committed transaction changed: originals (storage layout) and deltas ((d_out, d_in) float32)."""
+
+    originals: dict[int, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class WeightTransaction:
+    """Collect weight updates; on any exception (KeyboardInterrupt included) restore them all."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        self.model, self.adapter = model, adapter
+        self.record = AppliedEdit()
+
+    def add(self, layer: int, delta: torch.Tensor) -> None:
+        """W_layer += delta, with delta in the paper's (d_out, d_in) orientation."""
+        param = self.adapter.edit_module(self.model, layer).weight
+        W = self.adapter.weight(self.model, layer)
+        if tuple(delta.shape) != tuple(W.shape):
+            raise ValueError(f"layer {layer}: update has shape {tuple(delta.shape)}, weight is {tuple(W.shape)} (d_out, d_in)")
+        if not torch.isfinite(delta).all():
+            raise SolveError(f"layer {layer}: the update contains NaN or inf; no weight was changed by it")
+        with torch.no_grad():
+            if layer not in self.record.originals:
+                self.record.originals[layer] = param.detach().to("cpu", copy=True)
+            new = (W.detach().to(torch.float64) + delta.to(W.device, torch.float64)).to(param.dtype)
+            if not torch.isfinite(new).all():
+                raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
+            W.copy_(new)
+        prev = self.record.deltas.get(layer)
+        d = delta.detach().to("cpu", torch.float32)
+        self.record.deltas[layer] = d if prev is None else prev + d
+
+    def rollback(self) -> None:
+        restore(self.model, self.adapter, self.record.originals)
+        self.record = AppliedEdit()
+
+    def __enter__(self) -> "WeightTransaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.rollback()
+
+
+def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.Tensor]) -> None:
+    """Copy stored original tensors back into the edited weights (bit-exact)."""
+    with torch.no_grad():
+        for layer, orig in originals.items():
+            param = adapter.edit_module(model, layer).weight
+            param.copy_(orig.to(param.device))

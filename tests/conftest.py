@@ -1,0 +1,119 @@
+"""Shared fixtures: the embedded tokenizer, tiny random models of every supported family, and
+random SPD covariances (so no test needs a corpus).
+
+Example::
+
+    def test_something(tiny_model):
+        model, tok = tiny_model          # parametrized over TINY_TYPES
+        C = spd_covariances(model, [1, 2])
+
+Tiny models are built from a config (no download), seeded, float32, in eval mode, with 4 blocks,
+hidden size 64 and the tokenizer's vocabulary (49152), so the real tokenizer drives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+VOCAB = 49152  # SmolLM2's vocabulary, shared by every tiny model
+N_LAYERS = 4
+HIDDEN = 64
+TINY_TYPES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
+
+
+def _config(model_type: str, tok_ids: dict[str, int], init_std: float):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, initializer_range=init_std, **tok_ids)
+    llama_like = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **common)
+    if model_type == "gpt2":
+        return tf.GPT2Config(n_layer=N_LAYERS, n_embd=HIDDEN, n_head=4, n_positions=256, **common)
+    if model_type == "gptj":
+        return tf.GPTJConfig(n_layer=N_LAYERS, n_embd=HIDDEN, n_head=4, rotary_dim=16, n_positions=256, **common)
+    if model_type == "gpt_neox":
+        return tf.GPTNeoXConfig(num_hidden_layers=N_LAYERS, hidden_size=HIDDEN, num_attention_heads=4,
+                                intermediate_size=256, max_position_embeddings=256, **common)
+    if model_type == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if model_type == "mistral":
+        return tf.MistralConfig(sliding_window=None, **llama_like)
+    if model_type == "qwen2":
+        return tf.Qwen2Config(use_sliding_window=False, **llama_like)
+    raise ValueError(f"no tiny config for model type {model_type!r}; known: {TINY_TYPES}")
+
+
+INIT_STD = 0.5  # weight init std: HF's default 0.02 gives near-uniform next-token distributions (logits
+#               ~ 0.02 * sqrt(64) * 8 = 0.16), which no edit can move; 0.5 gives a peaked, editable model
+
+
+def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer=None,
+               init_std: float = INIT_STD):
+    """A seeded, randomly initialised model of ``model_type`` with 4 blocks of width 64, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    ids = dict(pad_token_id=2, eos_token_id=2, bos_token_id=1)
+    if tokenizer is not None:
+        ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+    config = _config(model_type, ids, init_std)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if hasattr(model, "generation_config"):
+        for k, v in ids.items():
+            setattr(model.generation_config, k, v)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (vocab 49152, pad = eos)."""
+    from transformers import AutoTokenizer
+
+    import lmedit
+
+    tok = AutoTokenizer.from_pretrained(lmedit.models.embedded_model_dir())
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    assert len(tok) == VOCAB
+    return tok
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tokenizer) -> Callable[..., torch.nn.Module]:
+    """Factory: ``make_tiny("llama", seed=0, dtype=torch.float32)`` -> a fresh tiny model."""
+    def make(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float = INIT_STD):
+        return build_tiny(model_type, seed=seed, dtype=dtype, tokenizer=tokenizer, init_std=init_std)
+    return make
+
+
+@pytest.fixture(params=TINY_TYPES)
+def tiny_model(request, make_tiny, tokenizer):
+    """(model, tokenizer) for each tiny architecture."""
+    return make_tiny(request.param), tokenizer
+
+
+def random_spd(d: int, seed: int = 0, n: int | None = None, eps: float = 1e-3,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """C = X^T X / n + eps I with X (n, d) Gaussian: symmetric positive definite, (d, d)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n or 4 * d
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    return X.T @ X / n + eps * torch.eye(d, dtype=dtype)
+
+
+def spd_covariances(model, layers: Sequence[int], seed: int = 0) -> dict[int, torch.Tensor]:
+    """{layer: C (d_in, d_in)} random SPD matrices sized for the model's edited projections."""
+    from lmedit.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    return {l: random_spd(adapter.weight(model, l).shape[1], seed=seed + l) for l in layers}
+
+
+@pytest.fixture
+def covariances() -> Callable[..., dict[int, torch.Tensor]]:
+    """Factory: ``covariances(model, [1, 2])`` -> {layer: random SPD (d_in, d_in)} float64."""
+    return spd_covariances

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmedit.core.tokens import SubjectSeq, encode_continuations, encode_subject_prompts, fill, pad_id
+from lmedit.core.tokens import SubjectSeq, encode_continuations, encode_subject_prompts, pad_id
 from lmedit.errors import RequestError
 from lmedit.hooks import ReplaceInput, Trace
 from lmedit.models.adapters import ModelAdapter, _resolve

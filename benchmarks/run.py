@@ -1,0 +1,170 @@
+"""Phase-by-phase cost of editing (run by hand, not part of the tests).
+
+Usage: ``python benchmarks/run.py [--model DIR] [--batch-sizes 1,16,64,256] [--stats-samples 2000]
+        [--dtype-targets bfloat16] [--out benchmarks/results/embedded.json]``
+
+Measures on the embedded model (or any model): statistics (tokens/s, and a plain forward pass
+through the same layers as its floor), target vectors (s per request at several batch sizes, and
+the per-step cost against a reference-style step: full model, every position, full logits),
+key collection, the solve per layer, evaluation (prompts/s), and peak memory (RSS; CUDA max
+allocated on a GPU). Prints a table and writes JSON with software versions and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit._runtime import configure_threads
+from lmedit.core.context import context_templates
+from lmedit.core.corpus import load_corpus
+from lmedit.core.keys import collect_keys
+from lmedit.core.solvers import emmet, memit
+from lmedit.core.stats import second_moments
+from lmedit.core.targets import TargetConfig, compute_targets
+from lmedit.core.tokens import pad, pad_id, token_chunks
+from lmedit.evaluate.runner import record_scores
+from lmedit.hooks import Trace
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact" / "counterfact_500.json"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--layers", default="4,5,6,7,8")
+    ap.add_argument("--batch-sizes", default="1,16,64,256")
+    ap.add_argument("--stats-samples", type=int, default=2000)
+    ap.add_argument("--stats-dtype", default="bfloat16", help="forward dtype of the statistics pass")
+    ap.add_argument("--dtype-targets", default="bfloat16", help="compute dtype of the target optimisation")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--out", default="benchmarks/results/embedded.json")
+    args = ap.parse_args()
+    threads = configure_threads()
+    layers = [int(x) for x in args.layers.split(",")]
+    model, tok = lmedit.load_model(args.model)
+    adapter = lmedit.get_adapter(model)
+    device = next(model.parameters()).device
+    rows: list[tuple[str, str, str]] = []
+    res: dict = {"versions": {"lmedit": lmedit.__version__, "torch": torch.__version__,
+                              "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+                 "threads": threads, "device": str(device), "cpu": platform.processor() or platform.machine()}
+
+    # --- statistics: one pass for all layers vs a plain forward through the same layers ---
+    texts = load_corpus("wikipedia-excerpt", args.stats_samples)
+    enc = tok(texts, truncation=True, max_length=1024)["input_ids"]
+    n_tok = sum(len(x) for x in enc)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        _, t_stats = timed(lambda: second_moments(model, tok, adapter, layers, n_samples=args.stats_samples,
+                                                  forward_dtype=args.stats_dtype, cache_dir=d, progress=False))
+    from lmedit.core.targets import _work_model
+
+    work = _work_model(model, args.stats_dtype)
+
+    def plain_forward():
+        with torch.no_grad():
+            for g in token_chunks([len(x) for x in enc], 8192):
+                ids, mask = pad([enc[i] for i in g], pad_id(tok))
+                with Trace({"stop": adapter.block(work, layers[-1])}, stop=True):
+                    work(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+    _, t_floor = timed(plain_forward)
+
+    res["statistics"] = {"tokens": n_tok, "seconds": t_stats, "tokens_per_s": n_tok / t_stats,
+                         "floor_forward_s": t_floor, "layers": layers, "forward_dtype": args.stats_dtype}
+    rows.append(("statistics", f"{t_stats:.1f} s ({n_tok / t_stats:,.0f} tok/s, {n_tok:,} tokens, L{layers[0]}-{layers[-1]})",
+                 f"plain forward to L{layers[-1]}: {t_floor:.1f} s"))
+
+    # --- target vectors ---
+    requests = lmedit.load_requests(args.data)
+    groups = context_templates(model, tok)
+    flat = [t for g in groups for t in g]
+    hp = TargetConfig(v_num_grad_steps=args.steps, compute_dtype=args.dtype_targets, clamp_norm_factor=4.0,
+                      v_weight_decay=1e-3)
+    res["targets"] = {}
+    for bs in [int(x) for x in args.batch_sizes.split(",")]:
+        batch = requests[:bs]
+        tr, t = timed(lambda: compute_targets(model, tok, adapter, batch, flat, layers[-1], hp))
+        res["targets"][bs] = {"seconds": t, "s_per_request": t / bs, "mean_steps": float(tr.steps.float().mean()),
+                              "forward_tokens": tr.stats["forward_tokens"]}
+        rows.append((f"targets, batch {bs}", f"{t / bs:.2f} s/request ({t:.1f} s)",
+                     f"mean steps {float(tr.steps.float().mean()):.1f}"))
+    # reference-style step: full model, all positions, full logits, one request (forward + backward)
+    r0 = requests[0]
+    texts0 = [t.replace("{}", r0.prompt, 1).replace("{}", r0.subject) for t in flat] + [f"{r0.subject} is a"]
+    enc0 = tok(texts0)["input_ids"]
+    ids, mask = pad(enc0, pad_id(tok))
+
+    def ref_step():  # as the reference's compute_z: parameters not frozen, logits everywhere
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        torch.log_softmax(out.float(), -1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    ref_step()
+    _, t_ref = timed(ref_step)
+    res["targets"]["reference_style_step_s_per_request"] = t_ref
+    rows.append(("targets floor ref.", f"reference-style step: {t_ref * 1000:.0f} ms/request",
+                 f"x{args.steps} steps = {t_ref * args.steps:.1f} s/request (before early stop)"))
+
+    # --- keys and solves ---
+    batch = requests[:64]
+    _, t_keys = timed(lambda: collect_keys(model, tok, adapter, batch, groups, layers))
+    res["keys_s_per_request"] = t_keys / len(batch)
+    rows.append(("keys (5 layers)", f"{t_keys / len(batch) * 1000:.0f} ms/request", "batch 64, 6 templates"))
+    d_in = adapter.weight(model, layers[0]).shape[1]
+    d_out = adapter.weight(model, layers[0]).shape[0]
+    X = torch.randn(4 * d_in, d_in, dtype=torch.float64)
+    C = X.T @ X / X.shape[0]
+    for B in (16, 256):
+        K = torch.randn(d_in, B, dtype=torch.float64)
+        R = torch.randn(d_out, B, dtype=torch.float64)
+        _, t_e = timed(lambda: emmet(R, K, C, 1.0, 0.1))
+        _, t_m = timed(lambda: memit(R, K, C, 1500.0))
+        res[f"solve_b{B}"] = {"emmet_s": t_e, "memit_s": t_m}
+        rows.append((f"solve per layer, B={B}", f"EMMET {t_e * 1000:.0f} ms, MEMIT {t_m * 1000:.0f} ms", "float64, Cholesky"))
+
+    # --- evaluation ---
+    ev = requests[:64]
+    n_prompts = sum(2 * (1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts)) for r in ev)
+    _, t_ev = timed(lambda: record_scores(model, tok, ev))
+    res["evaluation"] = {"prompts": n_prompts, "seconds": t_ev, "prompts_per_s": n_prompts / t_ev}
+    rows.append(("evaluation", f"{n_prompts / t_ev:.0f} prompts/s", f"{len(ev)} CounterFact records"))
+    res["peak_rss_mb"] = rss_mb()
+    if torch.cuda.is_available():
+        res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    rows.append(("peak memory", f"RSS {rss_mb():.0f} MB", ""))
+
+    w = max(len(r[0]) for r in rows)
+    print(f"lmedit {lmedit.__version__}, torch {torch.__version__}, {threads} threads, {device}")
+    for a, b, c in rows:
+        print(f"{a:<{w}}  {b:<48} {c}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +126,37 @@ def resolve_hparams(model: nn.Module, method: str, preset: str | None = None, **
     if unknown:
         raise HyperparameterError(f"unknown hyperparameter(s) {', '.join(unknown)} for method {m.name!r}; "
                                   f"known: {', '.join(m.hparams_cls.field_names())}")
-    hp = m.hparams_cls.from_dict(values)
+    _check_types(m.hparams_cls, values)
+    try:
+        hp = m.hparams_cls.from_dict(values)
+    except (TypeError, ValueError) as e:  # e.g. layers=["a"]; HyperparameterError passes through
+        if isinstance(e, HyperparameterError):
+            raise
+        raise HyperparameterError(f"bad hyperparameter value for method {m.name!r}: {e}") from None
     n = get_adapter(model).n_layers(model)
     bad = [l for l in hp.layers if l >= n]
     if bad:
         raise HyperparameterError(f"layers {bad} are out of range: the model has layers 0..{n - 1}")
     return name, hp
+
+
+def _check_types(cls: type[EditHParams], values: Mapping[str, Any]) -> None:
+    """Reject a value whose type cannot be the field's (``v_lr="abc"``, ``mom2_adjustment=3``) by name,
+    before the dataclass's range checks compare it with numbers and raise a bare TypeError."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, value in values.items():
+        d = defaults.get(name)
+        if isinstance(d, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(d, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(d, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise HyperparameterError(f"{cls.__name__}.{name} = {value!r}: must be a {type(d).__name__} "
+                                      f"(like the default {d!r}), got {type(value).__name__}")
 
 
 def edit(
@@ -241,9 +266,23 @@ def apply_deltas(model: nn.Module, path: str | Path, *, allow_other_model: bool 
     if meta.get("base_model") != fp and not allow_other_model:
         raise CacheError(f"delta file {path} was made for model {meta.get('base_model')}, this model is {fp}; "
                          "refusing to apply it (pass allow_other_model=True to force)")
+    n_layers = adapter.n_layers(model)
+    deltas: dict[int, torch.Tensor] = {}
+    for key, delta in tensors.items():  # check everything before changing any weight
+        head, _, num = key.partition(".")
+        if head != "layer" or not num.isdigit() or int(num) >= n_layers:
+            raise CacheError(f"delta file {path}: tensor {key!r} does not name a layer 0..{n_layers - 1} "
+                             "(expected keys 'layer.<index>'); the file is corrupt or for another model")
+        shape = tuple(adapter.weight(model, int(num)).shape)
+        if tuple(delta.shape) != shape:
+            raise CacheError(f"delta file {path}: {key} has shape {tuple(delta.shape)}, the weight is {shape}; "
+                             "the file is corrupt or for another model")
+        deltas[int(num)] = delta
+    if not deltas:
+        raise CacheError(f"delta file {path} holds no updates")
     with WeightTransaction(model, adapter) as tx:
-        for key, delta in sorted(tensors.items()):
-            tx.add(int(key.split(".")[1]), delta)
+        for layer, delta in sorted(deltas.items()):
+            tx.add(layer, delta)
     reqs = [EditRequest.from_dict(d) for d in json.loads(meta.get("requests", "[]"))]
     result = EditResult(model=model, adapter=adapter, method=meta.get("method", "?"),
                         hparams=json.loads(meta.get("hparams", "{}")), requests=reqs, applied=tx.record,

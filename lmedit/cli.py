@@ -19,6 +19,18 @@ from typing import Any
 EXIT_ERROR = 2
 
 
+class _UsageError(ValueError):
+    """A command-line usage error (unknown option, bad --layers ...), reported as one line by main()."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors raise instead of printing usage and exiting, so main() can report them
+    as its one ``lmedit: error: ...`` line and return the exit code (subparsers inherit the class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parse_layers(text: str) -> list[int]:
     try:
         if "-" in text and "," not in text:
@@ -54,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmedit", description="Edit facts in Hugging Face causal LMs (ROME, MEMIT, EMMET).")
+    parser = _Parser(prog="lmedit", description="Edit facts in Hugging Face causal LMs (ROME, MEMIT, EMMET).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("edit", help="apply edits from a request file and show before/after")
@@ -251,9 +263,20 @@ def cmd_sweep(args) -> int:
             raise ValueError(f"--set-method expects METHOD:KEY=VALUE, got {item!r}")
         meth, kv = item.split(":", 1)
         per_method.setdefault(meth, {}).update(_parse_sets([kv]))
+    from lmedit.methods import get_method
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)  # an unknown method fails now, not after the other methods' cells have run
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must look like 1,16,64, got {args.batch_sizes!r}") from None
+    if not methods or not sizes or min(sizes) < 1:
+        raise ValueError(f"--methods and --batch-sizes need at least one entry each, batch sizes >= 1; "
+                         f"got --methods {args.methods!r} --batch-sizes {args.batch_sizes!r}")
     model, tok = _load(args)
-    sizes = [int(x) for x in args.batch_sizes.split(",")]
-    rows = run_sweep(model, tok, requests, methods=args.methods.split(","), batch_sizes=sizes, out_dir=args.out,
+    rows = run_sweep(model, tok, requests, methods=methods, batch_sizes=sizes, out_dir=args.out,
                      kind=kind, model_name=args.model or "embedded:smollm2-135m-instruct",
                      method_overrides=per_method, progress=not args.quiet, **_overrides(args))
     print((Path(args.out) / "table.md").read_text())
@@ -262,7 +285,11 @@ def cmd_sweep(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"lmedit: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     from lmedit._runtime import configure_logging, configure_threads
 
     configure_logging(quiet=getattr(args, "quiet", False))

@@ -13,10 +13,20 @@ hidden size 64 and the tokenizer's vocabulary (49152), so the real tokenizer dri
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+
+# One torch thread per available core, as the CLI does; LMEDIT_TEST_THREADS=1 when another torch
+# process shares the machine (oversubscribed OpenMP workers made a 10 s file take minutes).
+if os.environ.get("LMEDIT_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["LMEDIT_TEST_THREADS"]))
+else:
+    from lmedit._runtime import configure_threads
+
+    configure_threads()
 
 VOCAB = 49152  # SmolLM2's vocabulary, shared by every tiny model
 N_LAYERS = 4

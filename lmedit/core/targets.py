@@ -303,7 +303,8 @@ def _optimise_chunk(model, tokenizer, adapter, requests, templates, layer, hp: T
         # 1) prefix columns [0, S): keys/values of every layer, computed once
         if S > 0:
             out = base(input_ids=ids[:, :S], attention_mask=mask[:, :S], position_ids=pos[:, :S], use_cache=True)
-            prefix_kv = _cache_to_kv(getattr(out, "past_key_values", None) or out.cache)
+            cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5 / 4
+            prefix_kv = _cache_to_kv(cache)
             forward_tokens += ids[:, :S].numel()
         else:
             prefix_kv = None

@@ -7,8 +7,9 @@ Example::
         tx.add(6, dW6)
     record = tx.record                               # originals + applied deltas, for undo
 
-The update is applied as ``W <- cast(W.float64 + dW)`` once, so a half-precision weight is rounded
-once; the original tensor is kept (on CPU) so undo restores the exact bits.
+The update is applied as ``W <- cast(W_orig.float64 + D)`` with D the layer's float32 total update
+(the recorded delta), so a half-precision weight is rounded once and a saved delta file re-applies
+bit-exactly; the original tensor is kept (on CPU) so undo restores the exact bits.
 """
 
 from __future__ import annotations
@@ -48,13 +49,19 @@ class WeightTransaction:
         with torch.no_grad():
             if layer not in self.record.originals:
                 self.record.originals[layer] = param.detach().to("cpu", copy=True)
-            new = (W.detach().to(torch.float64) + delta.to(W.device, torch.float64)).to(param.dtype)
+            # The recorded (and saved) delta is float32, so the weight is rebuilt from the original as
+            # cast(W_orig + total) with exactly that float32 total: apply_deltas() of a saved file then
+            # reproduces the edited weights bit for bit, and repeated updates of a layer round once.
+            prev = self.record.deltas.get(layer)
+            d64 = delta.detach().to("cpu", torch.float64)
+            total = (d64 if prev is None else prev.to(torch.float64) + d64).to(torch.float32)  # (d_out, d_in)
+            orig = self.record.originals[layer]
+            W0 = orig if self.adapter.layout == "out_in" else orig.T  # (d_out, d_in)
+            new = (W0.to(W.device, torch.float64) + total.to(W.device, torch.float64)).to(param.dtype)
             if not torch.isfinite(new).all():
                 raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
             W.copy_(new)
-        prev = self.record.deltas.get(layer)
-        d = delta.detach().to("cpu", torch.float32)
-        self.record.deltas[layer] = d if prev is None else prev + d
+        self.record.deltas[layer] = total
 
     def rollback(self) -> None:
         restore(self.model, self.adapter, self.record.originals)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lmedit import __version__
 from lmedit.api import edit, resolve_hparams
+from lmedit.errors import HyperparameterError
 from lmedit.evaluate.metrics import aggregate
 from lmedit.evaluate.runner import evaluate_requests
 from lmedit.requests import EditRequest
@@ -48,6 +49,8 @@ def run_eval(
     evaluation); with it the batches accumulate and the post-edit metrics are measured once,
     after the last batch, over all records.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
     preset, hp = resolve_hparams(model, method, overrides.pop("preset", None), **overrides)
     pre = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)

@@ -147,9 +147,9 @@ def _check_types(cls: type[EditHParams], values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         d = defaults.get(name)
         if isinstance(d, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(d, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = not isinstance(value, (str, bytes)) and value in (True, False)
+        elif isinstance(d, (int, float)):  # numpy scalars and 0-d tensors pass too
+            ok = not isinstance(value, (bool, str, bytes)) and hasattr(value, "__float__")
         elif isinstance(d, str):
             ok = isinstance(value, str)
         else:

@@ -256,7 +256,7 @@ def cmd_sweep(args) -> int:
     from lmedit.evaluate.experiment import run_sweep
 
     requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
-    kind = "zsre" if _detect(args.data) == "zsre" else "counterfact"
+    kind = "zsre" if (args.format == "zsre" or (args.format is None and _detect(args.data) == "zsre")) else "counterfact"
     per_method: dict[str, dict[str, Any]] = {}
     for item in args.set_method:
         if ":" not in item:

@@ -18,7 +18,8 @@ import torch
 
 import lmedit
 from lmedit.cli import main
-from lmedit.evaluate.experiment import METRIC_KEYS, run_eval
+from lmedit.evaluate import experiment
+from lmedit.evaluate.experiment import METRIC_KEYS
 from lmedit.evaluate.metrics import harmonic_mean
 from lmedit.evaluate.runner import evaluate_requests
 from lmedit.evaluate.scoring import score_continuations
@@ -262,18 +263,14 @@ def test_sweep_writes_cells_tables_plots_and_skips_finished_cells(work, tmp_path
         calls.append(k.get("method"))
         raise AssertionError("run_eval called for a finished cell")
 
-    monkeypatch.setattr("lmedit.evaluate.experiment.run_eval", refuse)
+    real = experiment.run_eval
+    monkeypatch.setattr(experiment, "run_eval", refuse)
     assert main(args) == 0
     assert calls == []
     assert {p: p.stat().st_mtime_ns for p in cells.values()} == mtimes
 
     # a corrupt cell is run again, and only that one
     cells[("emmet", 2)].write_text("{not json")
-    monkeypatch.undo()
-    monkeypatch.setenv("LMEDIT_CACHE", str(work / "cache"))
-    import lmedit.evaluate.experiment as experiment
-
-    real = experiment.run_eval
     monkeypatch.setattr(experiment, "run_eval", lambda *a, **k: calls.append((k["method"], k["batch_size"])) or real(*a, **k))
     assert main(args) == 0
     assert calls == [("emmet", 2)]

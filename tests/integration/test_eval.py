@@ -1,0 +1,249 @@
+"""Evaluation against hand computations: teacher-forced scores against plain full forward passes,
+CounterFact and zsRE metrics against the formulas applied in the test to those scores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmedit
+from lmedit import EditRequest
+from lmedit.evaluate.generation import generation_entropy
+from lmedit.evaluate.metrics import harmonic_mean
+from lmedit.evaluate.runner import evaluate_requests, record_scores
+from lmedit.evaluate.scoring import generate_texts, score_continuations
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+# prefixes of different token lengths, continuations of one and several tokens
+PAIRS = [
+    ("The capital of France is", "Paris"),
+    ("Danielle Darrieux's mother tongue is", "French"),
+    ("A", "very long continuation with several words in it"),
+    ("The Eiffel Tower, which was built for the 1889 World's Fair, is located in the city of", "Paris, France"),
+    ("Lionel Messi plays", "the piano keyboard"),
+    ("Hi", "!"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, make_tiny, tokenizer):
+    return make_tiny(request.param, seed=2), tokenizer
+
+
+def _by_hand(model, tok, prefix: str, cont: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Continuation tokens, their log-probs and argmax flags from ONE unpadded full forward."""
+    p = tok(prefix)["input_ids"]
+    full = tok(prefix + " " + cont)["input_ids"]
+    assert full[: len(p)] == p and len(full) > len(p)  # these prefixes tokenise stably
+    c = full[len(p):]
+    with torch.no_grad():
+        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)  # (T, V)
+    rows = torch.arange(len(p) - 1, len(full) - 1)  # position t predicts token t + 1
+    toks = torch.tensor(c)
+    return c, logp[rows, toks], logp[rows].argmax(-1) == toks
+
+
+@pytest.mark.parametrize("max_tokens", [8192, 40])  # one padded batch, or many small ones
+def test_score_continuations_equals_full_forward(tiny, max_tokens):
+    model, tok = tiny
+    scored = score_continuations(model, tok, [p for p, _ in PAIRS], [c for _, c in PAIRS], max_tokens=max_tokens)
+    assert len(scored) == len(PAIRS)
+    n_multi = 0
+    for (prefix, cont), (lp, ok) in zip(PAIRS, scored):
+        c, lp_hand, ok_hand = _by_hand(model, tok, prefix, cont)
+        assert lp.shape == (len(c),) and ok.dtype == torch.bool and ok.shape == (len(c),)
+        torch.testing.assert_close(lp, lp_hand, rtol=0, atol=1e-5)
+        assert torch.equal(ok, ok_hand)
+        assert (lp <= 0).all()
+        n_multi += len(c) > 1
+    assert n_multi >= 3
+
+
+def test_score_continuations_batching_does_not_change_results(tiny):
+    """Each pair alone (no padding) == all pairs in one right-padded batch; order is kept."""
+    model, tok = tiny
+    together = score_continuations(model, tok, [p for p, _ in PAIRS], [c for _, c in PAIRS])
+    for (prefix, cont), (lp, ok) in zip(PAIRS, together):
+        [(lp1, ok1)] = score_continuations(model, tok, [prefix], [cont])
+        torch.testing.assert_close(lp, lp1, rtol=0, atol=1e-5)
+        assert torch.equal(ok, ok1)
+
+
+def test_argmax_flags_are_true_for_the_greedy_continuation(tiny):
+    """Continue each prefix greedily by 3 tokens; scoring that text flags every token correct."""
+    model, tok = tiny
+    checked = 0
+    for prefix, _ in PAIRS:
+        ids = tok(prefix)["input_ids"]
+        with torch.no_grad():
+            for _ in range(3):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        cont = tok.decode(ids[len(tok(prefix)["input_ids"]):])
+        if not cont.startswith(" ") or cont != " " + cont.strip():
+            continue  # " " + cont.strip() would not be the greedy tokens
+        [(lp, ok)] = score_continuations(model, tok, [prefix], [cont.strip()])
+        c, _, _ = _by_hand(model, tok, prefix, cont.strip())
+        if c != ids[len(tok(prefix)["input_ids"]):]:
+            continue  # re-tokenising the decoded text gave other tokens
+        assert ok.all(), (prefix, cont)
+        checked += 1
+    assert checked >= 1
+
+
+# --- CounterFact ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cf_requests():
+    reqs = lmedit.load_requests(DATA / "counterfact" / "counterfact_500.json", limit=2)
+    # keep 3 neighbourhood and 2 generation prompts per record: enough to average, quick to run
+    return [EditRequest(**{**r.to_dict(), "neighborhood_prompts": r.neighborhood_prompts[:3],
+                           "generation_prompts": r.generation_prompts[:2]}) for r in reqs]
+
+
+def _counterfact_by_hand(model, tok, reqs) -> dict[str, float]:
+    """ES/PS/NS and magnitudes (x100) from score_continuations, per record then across records."""
+    def nll(prompt, target):
+        [(lp, _)] = score_continuations(model, tok, [prompt], [target])
+        return -float(lp.double().mean())
+
+    groups = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+    for r in reqs:
+        for name, prompts in (("efficacy", [r.text]), ("paraphrase", r.paraphrase_prompts),
+                              ("neighborhood", r.neighborhood_prompts)):
+            s, m = [], []
+            for p in prompts:
+                new, true = nll(p, r.target_new), nll(p, r.target_true)
+                if name == "neighborhood":
+                    s.append(true < new)
+                    m.append(math.exp(-true) - math.exp(-new))
+                else:
+                    s.append(new < true)
+                    m.append(math.exp(-new) - math.exp(-true))
+            groups[name].append((sum(s) / len(s), sum(m) / len(m)))
+    out = {}
+    for name, per_record in groups.items():
+        out[f"{name}_score"] = 100 * sum(s for s, _ in per_record) / len(per_record)
+        out[f"{name}_magnitude"] = 100 * sum(m for _, m in per_record) / len(per_record)
+    out["score"] = harmonic_mean([out["efficacy_score"], out["paraphrase_score"], out["neighborhood_score"]])
+    return out
+
+
+def test_record_scores_by_hand(tiny, cf_requests):
+    model, tok = tiny
+    recs = record_scores(model, tok, cf_requests)
+    assert len(recs) == 2
+    for r, rec in zip(cf_requests, recs):
+        assert (len(rec.rewrite), len(rec.paraphrase), len(rec.neighborhood)) == \
+            (1, len(r.paraphrase_prompts), len(r.neighborhood_prompts))
+        for prompt, ps in zip(r.paraphrase_prompts, rec.paraphrase):
+            (lp_new, ok_new), (lp_true, _) = score_continuations(model, tok, [prompt, prompt], [r.target_new, r.target_true])
+            assert ps.nll_new == pytest.approx(-float(lp_new.double().mean()), abs=1e-5)
+            assert ps.nll_true == pytest.approx(-float(lp_true.double().mean()), abs=1e-5)
+            assert ps.correct_new == bool(ok_new.all())
+
+
+def test_evaluate_requests_counterfact_by_hand(tiny, cf_requests):
+    model, tok = tiny
+    got = evaluate_requests(model, tok, cf_requests)
+    want = _counterfact_by_hand(model, tok, cf_requests)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-4), k  # abs: per-pair scores differ by <1e-5 from batching
+        if k.endswith("_score") or k == "score":
+            assert 0.0 <= got[k] <= 100.0
+    assert got["eval_s"] >= 0
+    assert "generation_entropy" not in got
+
+
+def test_evaluate_requests_counterfact_after_an_edit(tiny, cf_requests, covariances):
+    """The same hand computation on an edited model (whose scores have moved)."""
+    model, tok = tiny
+    pre = [rec.rewrite[0].nll_new for rec in record_scores(model, tok, cf_requests)]
+    res = lmedit.edit(model, tok, cf_requests, method="emmet", layers=[1, 2], covariances=covariances(model, [1, 2]),
+                      v_num_grad_steps=10, context_templates=[[5, 1]])
+    try:
+        got = evaluate_requests(model, tok, cf_requests)
+        want = _counterfact_by_hand(model, tok, cf_requests)
+        post = [rec.rewrite[0].nll_new for rec in record_scores(model, tok, cf_requests)]
+    finally:
+        res.undo()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-4), k
+    # the model really is another one: each rewrite's target_new NLL fell by more than a nat
+    assert all(b < a - 1.0 for a, b in zip(pre, post)), (pre, post)
+
+
+def test_generation_entropy_key(tiny, cf_requests):
+    model, tok = tiny
+    got = evaluate_requests(model, tok, cf_requests, generation=True, generation_tokens=5)
+    prompts = [p for r in cf_requests for p in r.generation_prompts]
+    texts = generate_texts(model, tok, prompts, max_new_tokens=5)
+    assert len(texts) == 4 and all(t for t in texts)
+    assert got["generation_entropy"] == pytest.approx(generation_entropy(texts), abs=1e-12)
+    assert 0.0 <= got["generation_entropy"] <= math.log2(5) * 2  # at most 5 distinct n-grams per text
+
+
+# --- zsRE -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zsre_requests():
+    """The first two records of the MEND zsRE evaluation set."""
+    return lmedit.load_requests(DATA / "zsre" / "zsre_eval_1037.json", limit=2)
+
+
+def _zsre_by_hand(model, tok, reqs) -> dict[str, float]:
+    def acc(pairs):
+        per = []
+        for prompt, target in pairs:
+            [(_, ok)] = score_continuations(model, tok, [prompt], [target])
+            per.append(float(ok.double().mean()))
+        return 100 * sum(per) / len(per)
+
+    return {"efficacy_accuracy": acc([(r.text, r.target_new) for r in reqs]),
+            "paraphrase_accuracy": acc([(p, r.target_new) for r in reqs for p in r.paraphrase_prompts]),
+            "specificity": acc([(p, r.neighborhood_target) for r in reqs for p in r.neighborhood_prompts])}
+
+
+def _greedy_word(model, tok, prompt: str) -> str | None:
+    """The word w such that " " + w is exactly the model's argmax token after ``prompt``, or None."""
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    text = tok.decode([first])
+    if text.startswith(" ") and text.strip() and tok(prompt + text)["input_ids"] == ids + [first]:
+        return text.strip()
+    return None
+
+
+def test_evaluate_requests_zsre_by_hand(tiny, zsre_requests):
+    """On a random model every zsRE flag is False; so the second record's new answer and loc answer
+    are replaced by the model's own greedy word (its loc prompt by its edit prompt), making efficacy
+    and specificity 50, not 0."""
+    model, tok = tiny
+    reqs = list(zsre_requests)
+    word = _greedy_word(model, tok, reqs[1].text)
+    assert word is not None
+    reqs[1] = EditRequest(**{**reqs[1].to_dict(), "target_new": word, "target_true": None,
+                             "neighborhood_prompts": [reqs[1].text], "neighborhood_answer": word})
+    got = evaluate_requests(model, tok, reqs, kind="zsre")
+    assert {"efficacy_accuracy", "paraphrase_accuracy", "specificity"} <= set(got)
+    want = _zsre_by_hand(model, tok, reqs)
+    for k, v in want.items():
+        assert 0.0 <= got[k] <= 100.0
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    assert got["efficacy_accuracy"] >= 50.0 and got["specificity"] >= 50.0  # record 1 scores 100 on both
+    assert "generation_entropy" not in evaluate_requests(model, tok, reqs, kind="zsre", generation=True,
+                                                         generation_tokens=5)  # zsRE has no generation prompts
+
+
+def test_evaluate_requests_rejects_bad_kind_and_missing_true(tiny, cf_requests):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="kind must be 'counterfact' or 'zsre', got 'mquake'"):
+        evaluate_requests(model, tok, cf_requests, kind="mquake")
+    no_true = EditRequest("The capital of {} is", "Xanadu", "Paris")
+    with pytest.raises(ValueError, match="CounterFact metrics need target_true"):
+        evaluate_requests(model, tok, [no_true])

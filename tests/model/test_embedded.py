@@ -36,7 +36,7 @@ def _prefers_new(model, tok, requests) -> list[bool]:
     conts = [t for r in requests for t in (r.target_new, r.target_true)]
     s = score_continuations(model, tok, prefixes, conts)
     # the reference's criterion: lower mean per-token NLL
-    return [float(-s[2 * i][0].mean()) > float(-s[2 * i + 1][0].mean()) for i in range(len(requests))]
+    return [float(s[2 * i][0].mean()) > float(s[2 * i + 1][0].mean()) for i in range(len(requests))]
 
 
 @pytest.mark.parametrize("method", ["emmet", "memit", "rome"])

@@ -128,6 +128,32 @@ def _only_blocks_after(adapter: ModelAdapter, model: nn.Module, layer: int):
         setattr(parent, name, full)
 
 
+@contextmanager
+def _attention(model: nn.Module, impl: str | None):
+    """Temporarily switch the attention implementation (restored on exit).
+
+    The optimisation's sequences are a few columns long against a short cached prefix; for such
+    shapes eager attention's backward is several times faster than SDPA's flash kernel on CPUs
+    (measured: 1.4 s against 3.8 s per step for 64 requests on the embedded model in bfloat16).
+    """
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if impl is None or old is None or old == impl:
+        yield
+        return
+    try:
+        try:
+            model.set_attn_implementation(impl)
+        except (AttributeError, ValueError, ImportError):
+            config._attn_implementation = impl
+        yield
+    finally:
+        try:
+            model.set_attn_implementation(old)
+        except (AttributeError, ValueError, ImportError):
+            config._attn_implementation = old
+
+
 @dataclass
 class _Layout:
     """Sequences aligned so that every subject-last token is in column S."""
@@ -339,7 +365,7 @@ def _optimise_chunk(model, tokenizer, adapter, requests, templates, layer, hp: T
     buckets = _buckets(lay, kl_seq.cpu())
     selected: dict[int, tuple[torch.Tensor, list | None]] = {}
 
-    with _frozen(model):
+    with _frozen(model), _attention(model, "eager" if device.type == "cpu" else None):
         for it in range(hp.v_num_grad_steps):
             act_req = torch.nonzero(active).squeeze(1)
             local = torch.full((B,), -1, dtype=torch.long, device=device)

@@ -167,6 +167,7 @@ def edit(
     *,
     preset: str | None = None,
     covariances: Mapping[int, torch.Tensor] | None = None,
+    context: Sequence[Sequence[str]] | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> EditResult:
@@ -176,7 +177,9 @@ def edit(
 
     ``overrides`` set hyperparameters (see ``lmedit.methods``); ``preset`` picks a per-model
     preset (default: matched from the model's architecture). ``covariances`` supplies C per
-    layer instead of computing or loading statistics. The edit is atomic: if anything fails
+    layer instead of computing or loading statistics; ``context`` supplies the context-template
+    groups (from :func:`lmedit.core.context.context_templates`) instead of generating them, so a
+    series of edits can share one set, as the reference code does. The edit is atomic: if anything fails
     (a bad request, a singular solve, NaN, KeyboardInterrupt), no weight is left changed.
     """
     t_start = time.perf_counter()
@@ -191,7 +194,8 @@ def edit(
     t0 = time.perf_counter()
     C = _covariances(model, tokenizer, adapter, hp, covariances, base_fp, progress)
     timings["stats_s"] = time.perf_counter() - t0
-    groups = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
+    groups = [list(g) for g in context] if context is not None else \
+        context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
     flat = [t for g in groups for t in g]
     solve = hp.solver()
     z_layer = hp.layers[-1]

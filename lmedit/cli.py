@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        keys = [k for k in (*METRIC_KEYS, "generation_entropy", "efficacy_accuracy", "paraphrase_accuracy", "specificity")
+        keys = [k for k in (*METRIC_KEYS, "rewrite_accuracy", "paraphrase_accuracy", "generation_entropy", "efficacy_accuracy", "specificity")
                 if k in out["post"]]
         rows = [{"": "pre", **out["pre"]}, {"": "post", **out["post"]}]
         print(f"{out['method']} on {out['n']} records, batch size {out['batch_size']}"

@@ -18,6 +18,7 @@ from torch import nn
 
 from lmedit import __version__
 from lmedit.api import edit, resolve_hparams
+from lmedit.core.context import context_templates
 from lmedit.errors import HyperparameterError
 from lmedit.evaluate.metrics import aggregate
 from lmedit.evaluate.runner import evaluate_requests
@@ -54,6 +55,8 @@ def run_eval(
     t_all = time.perf_counter()
     preset, hp = resolve_hparams(model, method, overrides.pop("preset", None), **overrides)
     pre = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+    # one set of context templates for every batch (from the unedited model, as the reference does)
+    context = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
     timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "solve_s": 0.0, "eval_s": pre.pop("eval_s")}
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
     post_parts, weights, results = [], [], []
@@ -64,7 +67,7 @@ def run_eval(
         bar = tqdm(total=len(batches), desc=f"{method} batches of {batch_size}", unit="batch")
     try:
         for batch in batches:
-            res = edit(model, tokenizer, batch, method=method, preset=preset, **{k: v for k, v in hp.to_dict().items()})
+            res = edit(model, tokenizer, batch, method=method, preset=preset, context=context, **hp.to_dict())
             for k in ("stats_s", "targets_s", "keys_s", "solve_s"):
                 timings[k] += res.timings.get(k, 0.0)
             if sequential:

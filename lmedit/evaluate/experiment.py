@@ -156,7 +156,7 @@ def run_sweep(
             row = {"method": method, "batch_size": bs, **{k: v for k, v in result["post"].items()},
                    "edit_s_per_request": result["timings"]["edit_s_per_request"]}
             rows.append(row)
-    keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "efficacy_accuracy", "paraphrase_accuracy",
+    keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "rewrite_accuracy", "efficacy_accuracy", "paraphrase_accuracy",
                                                      "specificity", "edit_s_per_request") if any(k in r for r in rows)]
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lmedit
+from lmedit.core.context import context_templates
 from lmedit.cli import main
 from lmedit.evaluate import experiment
 from lmedit.evaluate.experiment import METRIC_KEYS
@@ -207,8 +208,11 @@ def test_eval_json(work, shared_model, tmp_path, capsys, sequential):
     pre.pop("eval_s")
     assert out["pre"] == pytest.approx(pre, rel=1e-9, abs=1e-12)
     parts = []
+    # run_eval generates the context templates once, from the unedited model (as the reference does)
+    _, hp = lmedit.resolve_hparams(model, "emmet", layers=LAYERS, **SMALL)
+    context = context_templates(model, tok, hp.context_templates, seed=hp.seed)
     for batch in (reqs[:2], reqs[2:]):
-        res = lmedit.edit(model, tok, batch, method="emmet", layers=LAYERS, **SMALL)
+        res = lmedit.edit(model, tok, batch, method="emmet", layers=LAYERS, context=context, **SMALL)
         if not sequential:
             parts.append(evaluate_requests(model, tok, batch))
             res.undo()

@@ -211,21 +211,13 @@ def edit(
             target_parts.append(tr)
             layer_info = spread_over_layers(model, tokenizer, adapter, tx, batch, groups, hp.layers, tr.targets,
                                             C, solve, timings)
-    targets = _cat_targets(target_parts)
+    targets = TargetResult.concat(target_parts)
     timings["total_s"] = time.perf_counter() - t_start
     result = EditResult(model=model, adapter=adapter, method=m.name, hparams={"preset": preset_name, **hp.to_dict()},
                         requests=reqs, applied=tx.record, base_fingerprint=base_fp, timings=timings,
                         targets=targets, layer_info=layer_info)
     history(model).append(result)
     return result
-
-
-def _cat_targets(parts: list[TargetResult]) -> TargetResult:
-    if len(parts) == 1:
-        return parts[0]
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return TargetResult(targets=cat("targets"), init=cat("init"), delta=cat("delta"), loss=cat("loss"),
-                        steps=cat("steps"), target_prob=cat("target_prob"))
 
 
 def _covariances(model, tokenizer, adapter, hp: EditHParams, given, base_fp, progress) -> dict[int, torch.Tensor]:

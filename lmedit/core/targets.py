@@ -82,6 +82,16 @@ class TargetResult:
     target_prob: torch.Tensor  # (B,) exp(-nll) of target_new at the end
     stats: dict = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, parts: Sequence["TargetResult"]) -> "TargetResult":
+        """One result for consecutive chunks (or consecutive requests), in order."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(targets=cat("targets"), init=cat("init"), delta=cat("delta"), loss=cat("loss"),
+                   steps=cat("steps"), target_prob=cat("target_prob"),
+                   stats={"forward_tokens": sum(p.stats.get("forward_tokens", 0) for p in parts)})
+
 
 def _cache_kwarg(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
@@ -141,17 +151,17 @@ def _attention(model: nn.Module, impl: str | None):
     if impl is None or old is None or old == impl:
         yield
         return
-    try:
+    def switch(name: str) -> None:
         try:
-            model.set_attn_implementation(impl)
-        except (AttributeError, ValueError, ImportError):
-            config._attn_implementation = impl
+            model.set_attn_implementation(name)
+        except (AttributeError, ValueError, ImportError):  # older transformers
+            config._attn_implementation = name
+
+    try:
+        switch(impl)
         yield
     finally:
-        try:
-            model.set_attn_implementation(old)
-        except (AttributeError, ValueError, ImportError):
-            config._attn_implementation = old
+        switch(old)
 
 
 @dataclass
@@ -223,7 +233,7 @@ def _layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]
     )
 
 
-def _buckets(lay: _Layout, kl_seq: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+def _buckets(lay: _Layout) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
 
     Returns (width, sequence indices, loss-entry indices) per group: a KL sequence needs one
@@ -301,12 +311,7 @@ def compute_targets(
             bar.update(len(requests[start:start + hp.chunk_requests]))
     if bar is not None:
         bar.close()
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return TargetResult(
-        targets=cat("targets"), init=cat("init"), delta=cat("delta"), loss=cat("loss"),
-        steps=cat("steps"), target_prob=cat("target_prob"),
-        stats={"forward_tokens": sum(p.stats["forward_tokens"] for p in parts)},
-    )
+    return TargetResult.concat(parts)
 
 
 def _optimise_chunk(model, tokenizer, adapter, requests, templates, layer, hp: TargetConfig) -> TargetResult:
@@ -360,9 +365,8 @@ def _optimise_chunk(model, tokenizer, adapter, requests, templates, layer, hp: T
     final_prob = torch.zeros(B, device=device)
     steps = torch.zeros(B, dtype=torch.long, device=device)
     kl_init = torch.zeros(B, unembed.weight.shape[0], device=device)  # (B, V) log-probs at step 0
-    kl_seq = torch.nonzero(lay_dev["is_kl"]).squeeze(1)  # (B,) one KL sequence per request, in order
     resume_at = adapter.block(model, layer + 1) if layer + 1 < n_layers else final_norm
-    buckets = _buckets(lay, kl_seq.cpu())
+    buckets = _buckets(lay)
     selected: dict[int, tuple[torch.Tensor, list | None]] = {}
 
     with _frozen(model), _attention(model, "eager" if device.type == "cpu" else None):

@@ -25,10 +25,11 @@ from torch import nn
 
 from lmedit import __version__
 from lmedit._fs import atomic_path
+from lmedit._runtime import release_freed_memory
 from lmedit.core.context import context_templates
 from lmedit.core.distribute import spread_over_layers
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import TargetResult, compute_targets
+from lmedit.core.targets import TargetResult, compute_targets, target_provenance
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
 from lmedit.methods import EditHParams, get_method
@@ -63,6 +64,8 @@ class EditResult:
     targets: TargetResult | None = None
     layer_info: dict[int, dict[str, float]] = field(default_factory=dict)
     undone: bool = False
+    undoable: bool = True
+    not_undoable_why: str = ""
 
     @property
     def layers(self) -> list[int]:
@@ -77,11 +80,13 @@ class EditResult:
         """Restore the weights this edit changed, bit-exactly. Later edits must be undone first."""
         if self.undone:
             raise LmeditError("this edit was already undone")
+        if not self.undoable:
+            raise LmeditError(f"this edit cannot be undone: {self.not_undoable_why}")
         stack = history(self.model)
         if stack and stack[-1] is not self:
             raise LmeditError(f"undo the {len(stack) - 1 - stack.index(self)} later edit(s) first "
                               "(edits are undone in reverse order)" if self in stack else "this edit is not on the model's history")
-        restore(self.model, self.adapter, self.applied.originals)
+        restore(self.model, self.adapter, self.applied.originals, self.applied.version_before)
         if stack:
             stack.pop()
         self.undone = True
@@ -169,6 +174,8 @@ def edit(
     covariances: Mapping[int, torch.Tensor] | None = None,
     context: Sequence[Sequence[str]] | None = None,
     progress: bool = False,
+    keep_history: bool = True,
+    targets: TargetResult | None = None,
     **overrides: Any,
 ) -> EditResult:
     """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
@@ -181,6 +188,16 @@ def edit(
     groups (from :func:`lmedit.core.context.context_templates`) instead of generating them, so a
     series of edits can share one set, as the reference code does. The edit is atomic: if anything fails
     (a bad request, a singular solve, NaN, KeyboardInterrupt), no weight is left changed.
+
+    ``targets`` reuses the target vectors of an earlier edit of the same requests (``result.targets``,
+    after that edit was undone), for sweeping the preservation weight or ridge without re-optimising:
+    they are refused unless layer, target settings, templates, requests and the model's weights match.
+
+    ``keep_history=False`` is for long runs of sequential edits: the edit is still atomic while it
+    is applied, but the original weights are not kept afterwards and the edit is not put on the
+    model's history, so memory stays flat; it cannot be undone, and neither can the earlier edits
+    beneath it (undoing them would silently drop this one), so they are taken off the history too.
+    The returned result still holds the applied deltas (``save_deltas`` works).
     """
     t_start = time.perf_counter()
     reqs = _as_requests(requests)
@@ -201,12 +218,14 @@ def edit(
     z_layer = hp.layers[-1]
     layer_info: dict[int, dict[str, float]] = {}
     target_parts: list[TargetResult] = []
+    if targets is not None:
+        _check_reusable(targets, model, m.sequential, reqs, flat, z_layer, hp)
     with WeightTransaction(model, adapter) as tx:
         batches = [[r] for r in reqs] if m.sequential else [reqs]
         for batch in batches:
             t0 = time.perf_counter()
-            tr = compute_targets(model, tokenizer, adapter, batch, flat, z_layer, hp.target_config(),
-                                 progress=progress and len(batches) == 1)
+            tr = targets if targets is not None else compute_targets(
+                model, tokenizer, adapter, batch, flat, z_layer, hp.target_config(), progress=progress and len(batches) == 1)
             timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
             target_parts.append(tr)
             layer_info = spread_over_layers(model, tokenizer, adapter, tx, batch, groups, hp.layers, tr.targets,
@@ -216,8 +235,44 @@ def edit(
     result = EditResult(model=model, adapter=adapter, method=m.name, hparams={"preset": preset_name, **hp.to_dict()},
                         requests=reqs, applied=tx.record, base_fingerprint=base_fp, timings=timings,
                         targets=targets, layer_info=layer_info)
-    history(model).append(result)
+    if keep_history:
+        history(model).append(result)
+    else:
+        _seal_history(model)
+        result.applied.originals.clear()
+        result.undoable = False
+        result.not_undoable_why = "it was made with keep_history=False, so no copy of the original weights was kept"
+    release_freed_memory()  # the edit's large temporaries are freed; give their pages back
     return result
+
+
+def _check_reusable(targets: TargetResult, model: nn.Module, sequential: bool, reqs: list[EditRequest],
+                    templates: list[str], layer: int, hp: EditHParams) -> None:
+    """Refuse target vectors that were computed for other requests, settings or model weights."""
+    if sequential:
+        raise HyperparameterError("targets= cannot be reused with a sequential method (ROME computes each request's "
+                                  "target after the previous request's edit)")
+    if not isinstance(targets, TargetResult) or not targets.provenance:
+        raise HyperparameterError("targets= takes the .targets of an earlier EditResult")
+    want = target_provenance(model, reqs, templates, layer, hp.target_config())
+    for key, what in (("model_id", "another model object"), ("weights_version", "the model's weights as they were "
+                      "then (undo the edit that produced them, and nothing else, before reusing them)"),
+                      ("requests", "other requests"), ("layer", "another target layer"),
+                      ("config", "other target-optimisation settings"), ("templates", "other context templates")):
+        if targets.provenance.get(key) != want[key]:
+            raise HyperparameterError(f"targets= were computed for {what}; compute them afresh")
+
+
+def _seal_history(model: nn.Module) -> None:
+    """Make every edit on ``model``'s history un-undoable (a later edit was applied without a record)."""
+    stack = history(model)
+    if stack:
+        log.warning("edit applied with keep_history=False: the %d earlier edit(s) on this model's history "
+                    "can no longer be undone", len(stack))
+    for r in stack:
+        r.undoable = False
+        r.not_undoable_why = "a later edit was made with keep_history=False on top of it"
+    stack.clear()
 
 
 def _covariances(model, tokenizer, adapter, hp: EditHParams, given, base_fp, progress) -> dict[int, torch.Tensor]:

@@ -81,6 +81,9 @@ class TargetResult:
     steps: torch.Tensor  # (B,) optimisation steps taken
     target_prob: torch.Tensor  # (B,) exp(-nll) of target_new at the end
     stats: dict = field(default_factory=dict)
+    # what the vectors were computed from (layer, TargetConfig, templates, requests, model weights
+    # version), so that api.edit(targets=...) can refuse to reuse them for anything else
+    provenance: dict = field(default_factory=dict)
 
     @classmethod
     def concat(cls, parts: Sequence["TargetResult"]) -> "TargetResult":
@@ -88,9 +91,12 @@ class TargetResult:
         if len(parts) == 1:
             return parts[0]
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        prov = dict(parts[0].provenance)
+        if prov:
+            prov["requests"] = [k for p in parts for k in p.provenance.get("requests", [])]
         return cls(targets=cat("targets"), init=cat("init"), delta=cat("delta"), loss=cat("loss"),
                    steps=cat("steps"), target_prob=cat("target_prob"),
-                   stats={"forward_tokens": sum(p.stats.get("forward_tokens", 0) for p in parts)})
+                   stats={"forward_tokens": sum(p.stats.get("forward_tokens", 0) for p in parts)}, provenance=prov)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -311,7 +317,20 @@ def compute_targets(
             bar.update(len(requests[start:start + hp.chunk_requests]))
     if bar is not None:
         bar.close()
-    return TargetResult.concat(parts)
+    out = TargetResult.concat(parts)
+    out.provenance = target_provenance(model, requests, templates, layer, hp)
+    return out
+
+
+def target_provenance(model: nn.Module, requests: Sequence[EditRequest], templates: Sequence[str], layer: int,
+                      hp: TargetConfig) -> dict:
+    """What target vectors depend on: compared by ``api.edit(targets=...)`` before reusing them."""
+    from lmedit.core.weights import weights_version
+
+    cfg = {k: v for k, v in vars(hp).items() if k != "chunk_requests"}  # chunking does not change the result
+    return {"layer": layer, "config": cfg, "templates": list(templates), "model_id": id(model),
+            "weights_version": weights_version(model),
+            "requests": [(r.prompt, r.subject, r.target_new) for r in requests]}
 
 
 def _optimise_chunk(model, tokenizer, adapter, requests, templates, layer, hp: TargetConfig) -> TargetResult:

@@ -14,6 +14,7 @@ bit-exactly; the original tensor is kept (on CPU) so undo restores the exact bit
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -23,12 +24,30 @@ from lmedit.errors import SolveError
 from lmedit.models.adapters import ModelAdapter
 
 
+_VERSION_ATTR = "_lmedit_weights_version"
+
+
+_NEXT_VERSION = itertools.count(1)
+
+
+def weights_version(model: nn.Module) -> int:
+    """An id of the state of the model's weights as lmedit wrote them: 0 for a model lmedit never
+    edited, a fresh id after each write, and the earlier id again after an exact undo or rollback.
+    Results computed from one state (e.g. target vectors) use it to tell whether the model changed."""
+    return getattr(model, _VERSION_ATTR, 0)
+
+
+def _set_version(model: nn.Module, version: int | None = None) -> None:
+    object.__setattr__(model, _VERSION_ATTR, next(_NEXT_VERSION) if version is None else version)
+
+
 @dataclass
 class AppliedEdit:
     """What a committed transaction changed: originals (storage layout) and deltas ((d_out, d_in) float32)."""
 
     originals: dict[int, torch.Tensor] = field(default_factory=dict)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+    version_before: int = 0  # weights_version() before the edit, restored by an exact undo
 
 
 class WeightTransaction:
@@ -36,7 +55,7 @@ class WeightTransaction:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
         self.model, self.adapter = model, adapter
-        self.record = AppliedEdit()
+        self.record = AppliedEdit(version_before=weights_version(model))
 
     def add(self, layer: int, delta: torch.Tensor) -> None:
         """W_layer += delta, with delta in the paper's (d_out, d_in) orientation."""
@@ -61,11 +80,12 @@ class WeightTransaction:
             if not torch.isfinite(new).all():
                 raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
             W.copy_(new)
+        _set_version(self.model)
         self.record.deltas[layer] = total
 
     def rollback(self) -> None:
-        restore(self.model, self.adapter, self.record.originals)
-        self.record = AppliedEdit()
+        restore(self.model, self.adapter, self.record.originals, self.record.version_before)
+        self.record = AppliedEdit(version_before=self.record.version_before)
 
     def __enter__(self) -> "WeightTransaction":
         return self
@@ -75,9 +95,12 @@ class WeightTransaction:
             self.rollback()
 
 
-def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.Tensor]) -> None:
-    """Copy stored original tensors back into the edited weights (bit-exact)."""
+def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.Tensor], version: int | None = None) -> None:
+    """Copy stored original tensors back into the edited weights (bit-exact); ``version`` is the
+    weights_version() of the state they restore (a fresh id when not given)."""
     with torch.no_grad():
         for layer, orig in originals.items():
             param = adapter.edit_module(model, layer).weight
             param.copy_(orig.to(param.device))
+    if originals:
+        _set_version(model, version)

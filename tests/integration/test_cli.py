@@ -239,7 +239,14 @@ def test_sweep_writes_cells_tables_plots_and_skips_finished_cells(work, tmp_path
     out_dir = tmp_path / "sweep"
     args = ["sweep", "--model", str(work / "model"), "--data", str(COUNTERFACT), "--methods", "memit,emmet",
             "--batch-sizes", "1,2", "--n", "2", "--out", str(out_dir), *SMALL_ARGS]
+    evals = []
+    real_eval = experiment.evaluate_requests
+    monkeypatch.setattr(experiment, "evaluate_requests", lambda m, t, reqs, **k: evals.append(len(reqs)) or real_eval(m, t, reqs, **k))
     assert main(args) == 0
+    # the unedited metrics are measured once for the grid: 1 x 2 records, then per method
+    # batch size 1 -> two evaluations of 1 record, batch size 2 -> one of 2 records
+    assert sorted(evals) == sorted([2] + [1, 1, 2] * 2), evals
+    monkeypatch.setattr(experiment, "evaluate_requests", real_eval)
     printed = capsys.readouterr().out
     cells = {(m, b): out_dir / f"{m}_b{b}.json" for m in ("memit", "emmet") for b in (1, 2)}
     for (m, b), path in cells.items():
@@ -279,3 +286,21 @@ def test_sweep_writes_cells_tables_plots_and_skips_finished_cells(work, tmp_path
     assert main(args) == 0
     assert calls == [("emmet", 2)]
     assert json.loads(cells[("emmet", 2)].read_text())["batch_size"] == 2
+
+    # a cell run with other settings (here: the ridge) is stale and runs again, the others are kept
+    stale = json.loads(cells[("emmet", 1)].read_text())
+    stale["hparams"]["emmet_lambda"] = 123.0
+    cells[("emmet", 1)].write_text(json.dumps(stale))
+    calls.clear()
+    assert main(args) == 0
+    assert calls == [("emmet", 1)]
+    assert json.loads(cells[("emmet", 1)].read_text())["hparams"]["emmet_lambda"] != 123.0
+
+    # a grid of another method in the same folder adds its cells to the table beside the earlier ones
+    rome_args = ["sweep", "--model", str(work / "model"), "--data", str(COUNTERFACT), "--methods", "rome",
+                 "--batch-sizes", "1", "--n", "2", "--out", str(out_dir), *SMALL_ARGS]
+    rome_args[rome_args.index("--layers") + 1] = str(LAYERS[-1])  # ROME edits one layer
+    assert main(rome_args) == 0
+    with open(out_dir / "table.csv", newline="") as f:
+        rows = [(r["method"], int(r["batch_size"])) for r in csv.DictReader(f)]
+    assert rows[0] == ("rome", 1) and sorted(rows[1:]) == sorted(cells), rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -45,7 +46,12 @@ def test_converted_model_cache_check(tmp_path):
     assert _check_converted(d) == "no manifest"
     (d / "model.safetensors").write_bytes(b"x" * 10)
     (d / "lmedit-manifest.json").write_text(json.dumps({"files": {"model.safetensors": 10}}))
+    assert "without checksums" in _check_converted(d)  # an older lmedit's manifest: converted again
+    entry = {"size": 10, "sha256": hashlib.sha256(b"x" * 10).hexdigest()}
+    (d / "lmedit-manifest.json").write_text(json.dumps({"files": {"model.safetensors": entry}}))
     assert _check_converted(d) is None
+    (d / "model.safetensors").write_bytes(b"x" * 9 + b"y")  # same size, one byte flipped
+    assert "fails its sha256" in _check_converted(d)
     (d / "model.safetensors").write_bytes(b"x" * 4)  # truncated
     assert "wrong size" in _check_converted(d)
     (d / "lmedit-manifest.json").write_text("{not json")

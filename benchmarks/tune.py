@@ -9,8 +9,8 @@ Usage::
 The records are edited as one batch per grid point, each from the unedited model. The target
 vectors do not depend on lambda or the ridge, so they are optimised once and reused for every grid
 point (``lmedit.edit(targets=...)``); only keys, solves and the evaluation are repeated. The chosen
-value maximises the Score (harmonic mean of ES, PS, NS) on these records; ties go to the higher
-NS, then the higher paraphrase magnitude. Writes ``<out>/tuning.json`` and ``<out>/tuning.md``.
+value maximises the Score (harmonic mean of ES, PS, NS) on these records; differences below 0.1
+point are ties, broken by NS, then PM, then in favour of the preset's value. Writes ``<out>/tuning.json`` and ``<out>/tuning.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ def parse_grid(text: str) -> tuple[str, str, list]:
     except ValueError:
         raise SystemExit(f"--grid {text!r}: expected METHOD:KEY=V1,V2,...") from None
     return method, key, [parse_value(v) for v in values.split(",")]
+
+
+def choose(rows: list[dict], grids: list[tuple[str, str, list]], preset_values: dict[str, object]) -> dict[str, dict]:
+    """Per method, the grid value with the best Score; differences below the tables' precision (0.1)
+    are ties, broken by NS, then PM, then in favour of the preset's value, then the first listed."""
+    chosen = {}
+    for method, key, _ in grids:
+        cand = [r for r in rows if r["method"] == method and r["param"] == key]
+        best = max(cand, key=lambda r: (round(r["score"], 1), round(r["neighborhood_score"], 1),
+                                        round(r["paraphrase_magnitude"], 1), r["value"] == preset_values[method]))
+        ties = [r["value"] for r in cand if round(r["score"], 1) == round(best["score"], 1)]
+        chosen[method] = {key: best["value"], "score": best["score"], "tied_values": ties}
+    return chosen
 
 
 def main() -> None:
@@ -75,15 +88,13 @@ def main() -> None:
             rows.append(row)
             print(f"{method:6s} {key}={v:<10g} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "
                   f"NS {row['neighborhood_score']:5.1f} Score {row['score']:5.1f}  edit {t_edit:.0f} s", flush=True)
-    chosen = {}
-    for method, key, values in grids:
-        cand = [r for r in rows if r["method"] == method and r["param"] == key]
-        best = max(cand, key=lambda r: (round(r["score"], 6), r["neighborhood_score"], r["paraphrase_magnitude"]))
-        chosen[method] = {key: best["value"], "score": best["score"]}
+    preset_values = {m: getattr(lmedit.resolve_hparams(model, m)[1], k) for m, k, _ in grids}
+    chosen = choose(rows, grids, preset_values)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"data": args.data, "records": args.records, "n": len(reqs), "pre": {k: pre[k] for k in KEYS},
-              "rows": rows, "chosen": chosen, "criterion": "max Score (harmonic mean of ES, PS, NS), then NS, then PM; one batch",
+              "rows": rows, "chosen": chosen, "criterion": "max Score (harmonic mean of ES, PS, NS) to 0.1 point, then NS, then PM, then the preset's value; one batch",
+              "preset_values": preset_values,
               "total_s": time.perf_counter() - t_all, "lmedit_version": lmedit.__version__,
               "command": "python benchmarks/tune.py --data {} --records {} {} --out {}".format(
                   args.data, args.records, " ".join(f"--grid {g}" for g in args.grid), args.out)}
@@ -91,7 +102,8 @@ def main() -> None:
     lines = ["| method | setting | ES | PS | NS | Score | EM | PM | NM | chosen |", "|---|---|---|---|---|---|---|---|---|---|",
              "| unedited | | " + " | ".join(f"{pre[k]:.1f}" for k in KEYS) + " | |"]
     for r in rows:
-        mark = "yes" if chosen[r["method"]][r["param"]] == r["value"] else ""
+        c = chosen[r["method"]]
+        mark = "yes" if c[r["param"]] == r["value"] else ("tie" if r["value"] in c["tied_values"] else "")
         lines.append(f"| {r['method']} | {r['param']}={r['value']:g} | " + " | ".join(f"{r[k]:.1f}" for k in KEYS)
                      + f" | {mark} |")
     (out / "tuning.md").write_text("\n".join(lines) + "\n")

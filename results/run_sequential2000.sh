@@ -8,3 +8,4 @@ for m in emmet memit; do
   .venv/bin/python benchmarks/sequential.py --method "$m" --batch-size 100 --batches 20 \
     --data ../shared/data/counterfact/counterfact_train_10000.json --out results/sequential2000
 done
+.venv/bin/python benchmarks/plot_sequential.py results/sequential2000/emmet.json results/sequential2000/memit.json --out results/sequential2000/compare.png

@@ -24,10 +24,9 @@ import torch
 
 import lmedit
 from lmedit._runtime import configure_threads
+from lmedit.evaluate.experiment import METRIC_KEYS
 from lmedit.evaluate.runner import evaluate_requests
 
-KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
-        "paraphrase_magnitude", "neighborhood_magnitude")
 DATA = "../shared/data/counterfact/counterfact_500.json"
 
 
@@ -51,21 +50,21 @@ def main() -> None:
         res = lmedit.edit(model, tok, reqs, method=args.method)
         t_edit = time.perf_counter() - t0
         post = evaluate_requests(model.float(), tok, reqs)  # exact upcast of the edited weights
-        rows[name] = {"post": {k: post[k] for k in KEYS}, "edit_s": t_edit, "timings": res.timings,
+        rows[name] = {"post": {k: post[k] for k in METRIC_KEYS}, "edit_s": t_edit, "timings": res.timings,
                       "finite": all(bool(torch.isfinite(d).all()) for d in res.deltas.values())}
         print(f"{name:9s} ES {post['efficacy_score']:5.1f} PS {post['paraphrase_score']:5.1f} "
               f"NS {post['neighborhood_score']:5.1f} Score {post['score']:5.1f}  edit {t_edit:.0f} s", flush=True)
         del model, res
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"method": args.method, "n": args.n, "data": args.data, "pre": {k: pre[k] for k in KEYS}, "rows": rows,
+    result = {"method": args.method, "n": args.n, "data": args.data, "pre": {k: pre[k] for k in METRIC_KEYS}, "rows": rows,
               "scoring": "weights as stored, upcast to float32", "lmedit_version": lmedit.__version__,
               "command": f"python benchmarks/dtypes.py --method {args.method} --n {args.n} --dtypes {args.dtypes} "
                          f"--out {args.out}"}
     (out / f"{args.method}.json").write_text(json.dumps(result, indent=1))
     lines = ["| model dtype | ES | PS | NS | Score | EM | PM | NM | edit s |", "|---|---|---|---|---|---|---|---|---|",
-             f"| unedited ({args.dtypes.split(',')[0]}) | " + " | ".join(f"{pre[k]:.1f}" for k in KEYS) + " | |"]
-    lines += [f"| {n} | " + " | ".join(f"{r['post'][k]:.1f}" for k in KEYS) + f" | {r['edit_s']:.0f} |" for n, r in rows.items()]
+             f"| unedited ({args.dtypes.split(',')[0]}) | " + " | ".join(f"{pre[k]:.1f}" for k in METRIC_KEYS) + " | |"]
+    lines += [f"| {n} | " + " | ".join(f"{r['post'][k]:.1f}" for k in METRIC_KEYS) + f" | {r['edit_s']:.0f} |" for n, r in rows.items()]
     (out / f"{args.method}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -137,12 +137,11 @@ def main() -> None:
         print(f"batch {i + 1:3d}  edits {row['edits']:5d}  ES(newest) {es:5.1f}  ES(first) {es_first:5.1f}  "
               f"NS(first) {ns:5.1f}  fluency {ge:.3f}  max |dW|/|W0| {row['rel_change_max']:.3f}  "
               f"edit {t_edit:.0f} s  RSS {row['rss_mb']:.0f} MB (before malloc_trim {rss_untrimmed:.0f})", flush=True)
-        write_outputs(args, hp, result(None), rows)
         if not finite:
             print("non-finite weights: stopping")
             write_outputs(args, hp, result(f"batch {i + 1}: non-finite weights"), rows)
             return
-    write_outputs(args, hp, result(None), rows)
+        write_outputs(args, hp, result(None), rows)
 
 
 def write_outputs(args, hp, result: dict, rows: list[dict]) -> None:
@@ -186,8 +185,8 @@ def write_outputs(args, hp, result: dict, rows: list[dict]) -> None:
     fig.suptitle(f"{args.method}: sequential batches of {args.batch_size}")
     fig.tight_layout()
     fig.savefig(out / f"{args.method}.png", dpi=110)
-
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,10 @@ from pathlib import Path
 import lmedit
 from lmedit._runtime import configure_threads
 from lmedit.core.context import context_templates
+from lmedit.evaluate.experiment import METRIC_KEYS
 from lmedit.evaluate.runner import evaluate_requests
 from lmedit.methods.base import parse_value
 
-KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
-        "paraphrase_magnitude", "neighborhood_magnitude")
 
 
 def parse_grid(text: str) -> tuple[str, str, list]:
@@ -83,7 +82,7 @@ def main() -> None:
             cached = res.targets
             m = evaluate_requests(model, tok, reqs)
             res.undo()
-            row = {"method": method, "param": key, "value": v, **{k: m[k] for k in KEYS}, "edit_s": t_edit,
+            row = {"method": method, "param": key, "value": v, **{k: m[k] for k in METRIC_KEYS}, "edit_s": t_edit,
                    "eval_s": m["eval_s"], "targets_s": res.timings.get("targets_s", 0.0)}
             rows.append(row)
             print(f"{method:6s} {key}={v:<10g} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "
@@ -92,7 +91,7 @@ def main() -> None:
     chosen = choose(rows, grids, preset_values)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"data": args.data, "records": args.records, "n": len(reqs), "pre": {k: pre[k] for k in KEYS},
+    result = {"data": args.data, "records": args.records, "n": len(reqs), "pre": {k: pre[k] for k in METRIC_KEYS},
               "rows": rows, "chosen": chosen, "criterion": "max Score (harmonic mean of ES, PS, NS) to 0.1 point, then NS, then PM, then the preset's value; one batch",
               "preset_values": preset_values,
               "total_s": time.perf_counter() - t_all, "lmedit_version": lmedit.__version__,
@@ -100,11 +99,11 @@ def main() -> None:
                   args.data, args.records, " ".join(f"--grid {g}" for g in args.grid), args.out)}
     (out / "tuning.json").write_text(json.dumps(result, indent=1))
     lines = ["| method | setting | ES | PS | NS | Score | EM | PM | NM | chosen |", "|---|---|---|---|---|---|---|---|---|---|",
-             "| unedited | | " + " | ".join(f"{pre[k]:.1f}" for k in KEYS) + " | |"]
+             "| unedited | | " + " | ".join(f"{pre[k]:.1f}" for k in METRIC_KEYS) + " | |"]
     for r in rows:
         c = chosen[r["method"]]
         mark = "yes" if c[r["param"]] == r["value"] else ("tie" if r["value"] in c["tied_values"] else "")
-        lines.append(f"| {r['method']} | {r['param']}={r['value']:g} | " + " | ".join(f"{r[k]:.1f}" for k in KEYS)
+        lines.append(f"| {r['method']} | {r['param']}={r['value']:g} | " + " | ".join(f"{r[k]:.1f}" for k in METRIC_KEYS)
                      + f" | {mark} |")
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

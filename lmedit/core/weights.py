@@ -25,8 +25,6 @@ from lmedit.models.adapters import ModelAdapter
 
 
 _VERSION_ATTR = "_lmedit_weights_version"
-
-
 _NEXT_VERSION = itertools.count(1)
 
 

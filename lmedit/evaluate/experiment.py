@@ -149,7 +149,7 @@ def run_sweep(
             if result is None:
                 result = run_eval(model, tokenizer, requests, method=method, batch_size=bs, kind=kind,
                                   model_name=model_name, progress=progress, pre=pre, **kw)
-                pre = pre or {k: v for k, v in result["pre"].items()}
+                pre = pre or result["pre"]
                 from lmedit._fs import atomic_path
 
                 with atomic_path(cell) as tmp:

@@ -80,7 +80,6 @@ def test_reused_targets_give_the_edit_of_fresh_targets(make_tiny, tokenizer, cov
     monkeypatch.setattr(targets_mod, "_optimise_chunk", lambda *a, **k: pytest.fail("targets were recomputed"))
     reused = lmedit.edit(m, tokenizer, REQUESTS, method="memit", covariances=C, targets=res.targets,
                          **dict(kw, mom2_update_weight=5.0))
-    assert reused.timings["targets_s"] < 0.05
     monkeypatch.undo()
     # ... and the weights equal those of an edit that optimised its own targets
     direct = lmedit.edit(twin, tokenizer, REQUESTS, method="memit", covariances=C, **dict(kw, mom2_update_weight=5.0))

@@ -1,6 +1,7 @@
 """Command line: ``lmedit demo | edit | eval | sweep``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
+(``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
 
 Errors are printed as one line ``lmedit: error: ...`` with exit code 2, never a traceback
 (``LMEDIT_DEBUG=1`` shows it).
@@ -41,9 +42,17 @@ def _parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--layers must look like 4,5,6 or 4-8, got {text!r}") from None
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    from lmedit.methods.base import parse_value
+def parse_value(text: str) -> Any:
+    """A ``--set key=value`` value: JSON where it parses (numbers, lists, booleans), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        if "," in text:
+            return [parse_value(x) for x in text.split(",")]
+        return text
 
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
@@ -57,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
-    p.add_argument("--method", default="emmet", help="rome, memit or emmet (default emmet)")
+    p.add_argument("--method", default="emmet", help="a registered method: rome, memit or emmet (default emmet)")
     p.add_argument("--layers", type=_parse_layers, default=None, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
     p.add_argument("--preset", default=None, help="hyperparameter preset (default: matched from the architecture)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -71,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="apply edits from a request file and show before/after")
     _common(p)
-    p.add_argument("--requests", required=True, help="request file (CounterFact, EasyEdit, zsRE or plain JSON/JSONL)")
+    p.add_argument("--requests", default=None, help="request file (CounterFact, EasyEdit, zsRE or plain JSON/JSONL)")
+    p.add_argument("--list-hparams", action="store_true", help="list every method's hyperparameters and exit")
     p.add_argument("--format", default=None, help="request file format (default: detected)")
     p.add_argument("--n", type=int, default=None, help="use the first N requests")
     p.add_argument("--save-deltas", default=None, help="write the weight updates to this .safetensors file")
@@ -117,8 +127,6 @@ def _overrides(args) -> dict[str, Any]:
     ov = _parse_sets(args.sets)
     if args.layers is not None:
         ov["layers"] = args.layers
-    if args.preset is not None:
-        ov["preset"] = args.preset
     return ov
 
 
@@ -138,12 +146,11 @@ def _probe(model, tok, requests) -> list[dict[str, Any]]:
     return out
 
 
-def _edit_report(model, tok, requests, method: str, overrides: dict[str, Any], progress: bool):
+def _edit_report(model, tok, requests, method: str, preset: str | None, overrides: dict[str, Any], progress: bool):
     import lmedit
 
     pre = _probe(model, tok, requests)
-    preset = overrides.pop("preset", None)
-    result = lmedit.edit(model, tok, requests, method=method, preset=preset, progress=progress, **overrides)
+    result = lmedit.Editor(model, tok, method, preset=preset, progress=progress, **overrides).edit(requests)
     post = _probe(model, tok, requests)
     report = {
         "method": result.method, "layers": result.layers,
@@ -151,8 +158,9 @@ def _edit_report(model, tok, requests, method: str, overrides: dict[str, Any], p
             {"subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
              "pre": pre[i], "post": post[i]} for i, r in enumerate(requests)
         ],
-        "timings": {k: round(result.timings.get(k, 0.0), 3) for k in ("stats_s", "targets_s", "keys_s", "solve_s", "total_s")},
-        "hparams": result.hparams,
+        "timings": {k: round(result.timings.get(k, 0.0), 3)
+                    for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s", "total_s")},
+        "hparams": result.hparams_record(),
     }
     return result, report
 
@@ -171,13 +179,28 @@ def _print_table(report: dict[str, Any]) -> None:
           f"solve {t['solve_s']:.2f} s, total {t['total_s']:.1f} s")
 
 
+def _list_hparams() -> None:
+    from lmedit.methods import get_method, method_names
+
+    for name in method_names():
+        cls = get_method(name).hparams_cls
+        print(f"{name}: {cls.summary}")
+        for field, default, help_text in cls.describe():
+            print(f"  {field} = {json.dumps(default)}\n      {help_text}")
+
+
 def cmd_edit(args) -> int:
     import lmedit
 
+    if args.list_hparams:
+        _list_hparams()
+        return 0
+    if args.requests is None:
+        raise _UsageError("the following arguments are required: --requests (see `lmedit edit --help`)")
     requests = lmedit.load_requests(args.requests, format=args.format, limit=args.n)
     overrides = _overrides(args)
     model, tok = _load(args)
-    result, report = _edit_report(model, tok, requests, args.method, overrides, progress=not args.quiet)
+    result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet)
     if args.save_deltas:
         result.save_deltas(args.save_deltas)
         report["deltas"] = str(args.save_deltas)
@@ -206,21 +229,21 @@ def cmd_demo(args) -> int:
     model, tok = lmedit.load_model()
     overrides = {"mom2_forward_dtype": "auto", "compute_dtype": "auto"}
     print(f"editing {len(requests)} facts with {args.method} (statistics are computed once and cached)")
-    _, report = _edit_report(model, tok, requests, args.method, overrides, progress=not args.quiet)
+    _, report = _edit_report(model, tok, requests, args.method, None, overrides, progress=not args.quiet)
     _print_table(report)
     return 0
 
 
 def cmd_eval(args) -> int:
     import lmedit
-    from lmedit.evaluate.experiment import METRIC_KEYS, format_table, run_eval
+    from lmedit.evaluate.experiment import DEFAULT_MODEL_NAME, METRIC_KEYS, format_table, run_eval
 
     requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
-    kind = "zsre" if (args.format == "zsre" or (args.format is None and _detect(args.data) == "zsre")) else "counterfact"
+    kind = _kind(args)
     model, tok = _load(args)
     out = run_eval(model, tok, requests, method=args.method, batch_size=args.batch_size, sequential=args.sequential,
-                   kind=kind, generation=args.generation, model_name=args.model or "embedded:smollm2-135m-instruct",
-                   progress=not args.quiet, **_overrides(args))
+                   kind=kind, generation=args.generation, model_name=args.model or DEFAULT_MODEL_NAME,
+                   progress=not args.quiet, preset=args.preset, **_overrides(args))
     if args.out:
         from lmedit._fs import atomic_path
 
@@ -237,26 +260,24 @@ def cmd_eval(args) -> int:
         print(format_table(rows, ["", *keys]))
         t = out["timings"]
         print(f"timings: statistics {t['stats_s']:.1f} s, targets {t['targets_s']:.1f} s, keys {t['keys_s']:.1f} s, "
-              f"solve {t['solve_s']:.1f} s, evaluation {t['eval_s']:.1f} s, total {t['total_s']:.1f} s "
+              f"residuals {t['residual_s']:.1f} s, solve {t['solve_s']:.1f} s, evaluation {t['eval_s']:.1f} s, total {t['total_s']:.1f} s "
               f"({t['edit_s_per_request']:.2f} s per edit)")
     return 0
 
 
-def _detect(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)
-        return "zsre" if '"src"' in head and '"alt"' in head else None
-    except OSError:
-        return None
+def _kind(args) -> str:
+    """Which metrics fit the data: zsRE's for zsRE files, CounterFact's otherwise."""
+    from lmedit.requests import file_format
+
+    return "zsre" if (args.format or file_format(args.data)) == "zsre" else "counterfact"
 
 
 def cmd_sweep(args) -> int:
     import lmedit
-    from lmedit.evaluate.experiment import run_sweep
+    from lmedit.evaluate.experiment import DEFAULT_MODEL_NAME, run_sweep
 
     requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
-    kind = "zsre" if (args.format == "zsre" or (args.format is None and _detect(args.data) == "zsre")) else "counterfact"
+    kind = _kind(args)
     per_method: dict[str, dict[str, Any]] = {}
     for item in args.set_method:
         if ":" not in item:
@@ -277,7 +298,7 @@ def cmd_sweep(args) -> int:
                          f"got --methods {args.methods!r} --batch-sizes {args.batch_sizes!r}")
     model, tok = _load(args)
     rows = run_sweep(model, tok, requests, methods=methods, batch_sizes=sizes, out_dir=args.out,
-                     kind=kind, model_name=args.model or "embedded:smollm2-135m-instruct",
+                     kind=kind, model_name=args.model or DEFAULT_MODEL_NAME, preset=args.preset,
                      method_overrides=per_method, progress=not args.quiet, **_overrides(args))
     print((Path(args.out) / "table.md").read_text())
     return 0 if rows else 1
@@ -294,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(quiet=getattr(args, "quiet", False))
     configure_threads()
-    if getattr(args, "quiet", False):
-        os.environ["TQDM_DISABLE"] = "1"
     from lmedit.errors import LmeditError
 
     handlers = {"edit": cmd_edit, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep}

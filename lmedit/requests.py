@@ -533,3 +533,30 @@ def load_requests(
     requests = requests_from_dicts(data, format, source=str(p))
     logger.info("loaded %d edit requests from %s", len(requests), p)
     return requests
+
+
+def as_requests(requests: "Sequence[EditRequest | Mapping[str, Any]] | EditRequest | Mapping[str, Any]") -> list[EditRequest]:
+    """A validated list of EditRequests from one request, or a list of requests or dicts."""
+    if isinstance(requests, (EditRequest, Mapping)):
+        requests = [requests]  # type: ignore[list-item]
+    out = []
+    for i, r in enumerate(requests):
+        if isinstance(r, EditRequest):
+            out.append(r)
+        elif isinstance(r, Mapping):
+            out.append(EditRequest.from_dict(dict(r), index=i))
+        else:
+            raise RequestError(f"request {i}: expected an EditRequest or a dict, got {type(r).__name__}")
+    validate_batch(out)
+    return out
+
+
+def file_format(path: str | os.PathLike) -> str:
+    """The format :func:`load_requests` detects for a request file (one of :data:`FORMATS`)."""
+    p = Path(path)
+    data = _parse(_read_text(p), p)
+    if isinstance(data, dict):
+        return "plain"
+    if not isinstance(data, list) or not data or not isinstance(data[0], Mapping):
+        raise RequestError(f"{p}: expected a non-empty list of records")
+    return _detect_format(data[0], str(p))

@@ -1,6 +1,6 @@
 """Edit-distribution algorithms: which layers are edited and how the residual is shared.
 
-Example: ``spread_over_layers(ctx, layers=[4, 5, 6, 7, 8], targets=z_star, solve=memit_solver)``
+Example: ``info, timings = spread_over_layers(model, tok, adapter, tx, requests, groups, [4, 5, 6, 7, 8], z_star, C, solve)``
 
 MEMIT's spread (``layers`` with more than one entry; one entry is the single-layer case): targets
 z* are residual-stream vectors at the LAST layer of the range. For layer l_i (i = 0..L-1), with
@@ -17,6 +17,7 @@ distribution: the solver is a plain function of (R, K, C).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,30 +43,32 @@ def spread_over_layers(
     targets: torch.Tensor,
     covariances: dict[int, torch.Tensor],
     solve: Solver,
-    timings: dict[str, float] | None = None,
-) -> dict[int, dict[str, float]]:
-    """Write the updates layer by layer into ``tx``; returns per-layer diagnostics."""
-    import time
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """Write the updates layer by layer into ``tx``.
 
+    Returns (per-layer diagnostics, timings): ``keys_s`` reading K, ``residual_s`` re-reading z,
+    ``solve_s`` the closed forms.
+    """
     z_layer = layers[-1]
     info: dict[int, dict[str, float]] = {}
+    timings = {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0}
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         K = collect_keys(model, tokenizer, adapter, requests, template_groups, [layer])[layer]  # (B, d_in)
-        z_now = residual_stream(model, tokenizer, adapter, requests, z_layer)  # (B, d)
         t1 = time.perf_counter()
+        z_now = residual_stream(model, tokenizer, adapter, requests, z_layer)  # (B, d)
+        t2 = time.perf_counter()
         R = (targets - z_now) / (len(layers) - i)  # (B, d)
         dW = solve(R.T, K.T, covariances[layer])  # (d_out, d_in) float64
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         tx.add(layer, dW)
-        W = adapter.weight(model, layer)
         info[layer] = {
             "residual_norm": float((targets - z_now).norm(dim=1).mean()),
             "update_norm": float(dW.norm()),
-            "weight_norm": float(W.detach().float().norm()),
+            "weight_norm": float(adapter.weight(model, layer).detach().float().norm()),
         }
-        if timings is not None:
-            timings["keys_s"] = timings.get("keys_s", 0.0) + (t1 - t0)
-            timings["solve_s"] = timings.get("solve_s", 0.0) + (t2 - t1)
+        timings["keys_s"] += t1 - t0
+        timings["residual_s"] += t2 - t1
+        timings["solve_s"] += t3 - t2
         log.debug("layer %d: %s", layer, info[layer])
-    return info
+    return info, timings

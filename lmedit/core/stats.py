@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmedit import __version__
+from lmedit._version import __version__
 from lmedit._fs import atomic_path, cache_root
 from lmedit.core.corpus import corpus_id, load_corpus
 from lmedit.core.tokens import pad, pad_id, token_chunks
@@ -33,9 +33,9 @@ from lmedit.errors import CacheError
 from lmedit.hooks import Trace
 from lmedit.models.adapters import ModelAdapter
 from lmedit.models.loading import fingerprint
+from lmedit.models.precision import ACCUMULATE_DTYPES, model_device, working_copy
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _checksum(t: torch.Tensor) -> str:
@@ -91,10 +91,10 @@ def second_moments(
 
     ``forward_dtype="bfloat16"`` runs the pass on a bfloat16 copy of the model (about 4x faster
     matmuls on CPUs with AVX512-BF16 and on GPUs); the accumulation stays in ``dtype``.
-    ``cache_dir=False``-like behaviour: pass a fresh directory; ``None`` uses the lmedit cache.
+    ``cache_dir`` is the cache directory (``None``: the lmedit cache; a fresh directory recomputes).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"statistics dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    if dtype not in ACCUMULATE_DTYPES:
+        raise ValueError(f"statistics dtype must be one of {list(ACCUMULATE_DTYPES)}, got {dtype!r}")
     for layer in layers:
         adapter.block(model, layer)  # range check with a clear message
     directory = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
@@ -124,69 +124,73 @@ def second_moments(
     return {layer: result[layer] for layer in layers}
 
 
+class _Checkpoint:
+    """Partial sums of an interrupted statistics pass, keyed by everything the sums depend on."""
+
+    def __init__(self, directory: Path, meta: dict[str, str]) -> None:
+        self.meta = meta
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = directory / meta["model"] / f"checkpoint-{key}.safetensors"
+
+    def load(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """(sums per module, token count, next chunk); empty when there is no usable checkpoint."""
+        empty = ({}, torch.zeros((), dtype=torch.float64), 0)
+        if not self.path.exists():
+            return empty
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if not all(meta.get(k) == v for k, v in self.meta.items()):
+                    return empty
+                sums = {k: f.get_tensor(k) for k in f.keys() if k != "count"}
+                return sums, f.get_tensor("count"), int(meta["next_group"])
+        except Exception as e:  # safetensors raises several types on truncated/corrupt files
+            log.warning("ignoring unreadable statistics checkpoint %s (%s)", self.path, e)
+            return empty
+
+    def save(self, sums: dict[str, torch.Tensor], count: torch.Tensor, next_group: int) -> None:
+        with atomic_path(self.path) as tmp:
+            save_file({**{k: v.contiguous() for k, v in sums.items()}, "count": count}, str(tmp),
+                      metadata=dict(self.meta, next_group=str(next_group)))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _accumulate(model, tokenizer, adapter, layers, corpus, n_samples, max_length, dtype, forward_dtype,
                 directory: Path, fp: str, max_tokens: int, checkpoint_seconds: float, progress: bool):
-    from lmedit.core.targets import _work_model
+    from tqdm.auto import tqdm
 
-    acc_dtype = _DTYPES[dtype]
-    work = _work_model(model, forward_dtype)
-    device = next(work.parameters()).device
     texts = load_corpus(corpus, n_samples)
     enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     groups = token_chunks([len(x) for x in enc], max_tokens)
-    mods = {str(layer): adapter.edit_module(work, layer) for layer in layers}
-    ck_meta = {"model": fp, "layers": ",".join(map(str, layers)), "corpus": corpus_id(corpus),
-               "n_samples": str(n_samples), "max_length": str(max_length), "dtype": dtype,
-               "forward_dtype": forward_dtype, "max_tokens": str(max_tokens)}
-    ck_path = directory / fp / ("checkpoint-" + hashlib.sha256(json.dumps(ck_meta, sort_keys=True).encode()).hexdigest()[:16]
-                                + ".safetensors")
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64)
-    start_group = 0
-    if ck_path.exists():
-        try:
-            with safe_open(str(ck_path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if all(meta.get(k) == v for k, v in ck_meta.items()):
-                    sums = {k: f.get_tensor(k) for k in f.keys() if k != "count"}
-                    count = f.get_tensor("count")
-                    start_group = int(meta["next_group"])
-                    log.info("resuming statistics from checkpoint %s at chunk %d/%d", ck_path, start_group, len(groups))
-        except Exception as e:
-            log.warning("ignoring unreadable statistics checkpoint %s (%s)", ck_path, e)
-            sums, start_group = {}, 0
-    pid = pad_id(tokenizer)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(len(enc[i]) for g in groups for i in g), desc=f"statistics L{layers[0]}-{layers[-1]}",
-                   unit="tok", unit_scale=True)
-        bar.update(sum(len(enc[i]) for g in groups[:start_group] for i in g))
+    ck = _Checkpoint(directory, {"model": fp, "layers": ",".join(map(str, layers)), "corpus": corpus_id(corpus),
+                                 "n_samples": str(n_samples), "max_length": str(max_length), "dtype": dtype,
+                                 "forward_dtype": forward_dtype, "max_tokens": str(max_tokens)})
+    sums, count, start = ck.load()
+    if start:
+        log.info("resuming statistics from checkpoint %s at chunk %d/%d", ck.path, start, len(groups))
+    bar = tqdm(total=sum(len(x) for x in enc), desc=f"statistics L{layers[0]}-{layers[-1]}", unit="tok",
+               unit_scale=True, disable=not progress, initial=sum(len(enc[i]) for g in groups[:start] for i in g))
     last_ck = time.monotonic()
-    with torch.no_grad():
-        for gi in range(start_group, len(groups)):
-            group = groups[gi]
-            ids, mask = pad([enc[i] for i in group], pid, side="right")
-            ids, mask = ids.to(device), mask.to(device)
+    with bar, working_copy(model, forward_dtype) as work, torch.no_grad():
+        mods = {str(layer): adapter.edit_module(work, layer) for layer in layers}
+        device = model_device(work)
+        for gi in range(start, len(groups)):
+            ids, mask = pad([enc[i] for i in groups[gi]], pad_id(tokenizer), side="right")
             with Trace(mods, capture="input", stop=True) as tr:
-                work(input_ids=ids, attention_mask=mask, use_cache=False)
-            keep = mask.bool()
+                work(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            keep = mask.to(device).bool()
             for name, x in tr.inputs.items():
-                k = x[keep].float()  # (n_tok, d_in); one chunk's sum in float32, chunks summed in acc_dtype
-                kk = (k.T @ k).to(acc_dtype).cpu()
+                k = x[keep].float()  # (n_tok, d_in); one chunk's sum in float32, chunks summed in the accumulation dtype
+                kk = (k.T @ k).to(ACCUMULATE_DTYPES[dtype]).cpu()
                 sums[name] = sums[name] + kk if name in sums else kk
             count += float(keep.sum())
-            if bar is not None:
-                bar.update(int(keep.sum()))
+            bar.update(int(keep.sum()))
             if checkpoint_seconds and time.monotonic() - last_ck > checkpoint_seconds and gi + 1 < len(groups):
-                meta = dict(ck_meta, next_group=str(gi + 1))
-                with atomic_path(ck_path) as tmp:
-                    save_file({**{k: v.contiguous() for k, v in sums.items()}, "count": count}, str(tmp), metadata=meta)
+                ck.save(sums, count, gi + 1)
                 last_ck = time.monotonic()
-    if bar is not None:
-        bar.close()
     if count == 0:
         raise CacheError(f"corpus {corpus!r} produced no tokens")
-    ck_path.unlink(missing_ok=True)
-    return {layer: (sums[str(layer)].to(torch.float64) / count).to(acc_dtype) for layer in layers}
+    ck.remove()
+    return {layer: (sums[str(layer)].to(torch.float64) / count).to(ACCUMULATE_DTYPES[dtype]) for layer in layers}

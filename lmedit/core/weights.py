@@ -14,7 +14,6 @@ bit-exactly; the original tensor is kept (on CPU) so undo restores the exact bit
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -24,19 +23,11 @@ from lmedit.errors import SolveError
 from lmedit.models.adapters import ModelAdapter
 
 
-_VERSION_ATTR = "_lmedit_weights_version"
-_NEXT_VERSION = itertools.count(1)
-
-
-def weights_version(model: nn.Module) -> int:
-    """An id of the state of the model's weights as lmedit wrote them: 0 for a model lmedit never
-    edited, a fresh id after each write, and the earlier id again after an exact undo or rollback.
-    Results computed from one state (e.g. target vectors) use it to tell whether the model changed."""
-    return getattr(model, _VERSION_ATTR, 0)
-
-
-def _set_version(model: nn.Module, version: int | None = None) -> None:
-    object.__setattr__(model, _VERSION_ATTR, next(_NEXT_VERSION) if version is None else version)
+def _rebuilt(adapter: ModelAdapter, orig: torch.Tensor, total: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """cast(W_orig + total) in the storage layout, dtype and device of ``like`` (the parameter)."""
+    W0 = adapter.as_out_in(orig)  # (d_out, d_in)
+    new = W0.to(like.device, torch.float64) + total.to(like.device, torch.float64)
+    return adapter.as_out_in(new.to(like.dtype))
 
 
 @dataclass
@@ -45,7 +36,16 @@ class AppliedEdit:
 
     originals: dict[int, torch.Tensor] = field(default_factory=dict)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)
-    version_before: int = 0  # weights_version() before the edit, restored by an exact undo
+
+    def changed_since(self, model: nn.Module, adapter: ModelAdapter) -> list[int]:
+        """Layers whose weight is no longer exactly what this edit left (another write came after it)."""
+        out = []
+        with torch.no_grad():
+            for layer, orig in self.originals.items():
+                param = adapter.edit_module(model, layer).weight
+                if not torch.equal(param, _rebuilt(adapter, orig, self.deltas[layer], param)):
+                    out.append(layer)
+        return out
 
 
 class WeightTransaction:
@@ -53,14 +53,14 @@ class WeightTransaction:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
         self.model, self.adapter = model, adapter
-        self.record = AppliedEdit(version_before=weights_version(model))
+        self.record = AppliedEdit()
 
     def add(self, layer: int, delta: torch.Tensor) -> None:
         """W_layer += delta, with delta in the paper's (d_out, d_in) orientation."""
         param = self.adapter.edit_module(self.model, layer).weight
-        W = self.adapter.weight(self.model, layer)
-        if tuple(delta.shape) != tuple(W.shape):
-            raise ValueError(f"layer {layer}: update has shape {tuple(delta.shape)}, weight is {tuple(W.shape)} (d_out, d_in)")
+        shape = tuple(self.adapter.weight(self.model, layer).shape)
+        if tuple(delta.shape) != shape:
+            raise ValueError(f"layer {layer}: update has shape {tuple(delta.shape)}, weight is {shape} (d_out, d_in)")
         if not torch.isfinite(delta).all():
             raise SolveError(f"layer {layer}: the update contains NaN or inf; no weight was changed by it")
         with torch.no_grad():
@@ -72,18 +72,15 @@ class WeightTransaction:
             prev = self.record.deltas.get(layer)
             d64 = delta.detach().to("cpu", torch.float64)
             total = (d64 if prev is None else prev.to(torch.float64) + d64).to(torch.float32)  # (d_out, d_in)
-            orig = self.record.originals[layer]
-            W0 = orig if self.adapter.layout == "out_in" else orig.T  # (d_out, d_in)
-            new = (W0.to(W.device, torch.float64) + total.to(W.device, torch.float64)).to(param.dtype)
+            new = _rebuilt(self.adapter, self.record.originals[layer], total, param)
             if not torch.isfinite(new).all():
                 raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
-            W.copy_(new)
-        _set_version(self.model)
+            param.copy_(new)
         self.record.deltas[layer] = total
 
     def rollback(self) -> None:
-        restore(self.model, self.adapter, self.record.originals, self.record.version_before)
-        self.record = AppliedEdit(version_before=self.record.version_before)
+        restore(self.model, self.adapter, self.record.originals)
+        self.record = AppliedEdit()
 
     def __enter__(self) -> "WeightTransaction":
         return self
@@ -93,12 +90,9 @@ class WeightTransaction:
             self.rollback()
 
 
-def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.Tensor], version: int | None = None) -> None:
-    """Copy stored original tensors back into the edited weights (bit-exact); ``version`` is the
-    weights_version() of the state they restore (a fresh id when not given)."""
+def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.Tensor]) -> None:
+    """Copy stored original tensors back into the edited weights (bit-exact)."""
     with torch.no_grad():
         for layer, orig in originals.items():
             param = adapter.edit_module(model, layer).weight
             param.copy_(orig.to(param.device))
-    if originals:
-        _set_version(model, version)

@@ -16,16 +16,18 @@ from typing import Any
 
 from torch import nn
 
-from lmedit import __version__
-from lmedit.api import edit, resolve_hparams
-from lmedit.core.context import context_templates
+from lmedit._version import __version__
+from lmedit.editor import Editor
 from lmedit.errors import HyperparameterError
-from lmedit.evaluate.metrics import aggregate
+from lmedit.evaluate.metrics import aggregate, harmonic_mean
+from lmedit.methods import EditHParams
+from lmedit.presets import resolve_hparams
 from lmedit.evaluate.runner import evaluate_requests
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL_NAME = "embedded:smollm2-135m-instruct"  # how results name the embedded default model
 METRIC_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
                "paraphrase_magnitude", "neighborhood_magnitude")
 
@@ -40,9 +42,11 @@ def run_eval(
     sequential: bool = False,
     kind: str = "counterfact",
     generation: bool = False,
-    model_name: str = "embedded:smollm2-135m-instruct",
+    model_name: str = DEFAULT_MODEL_NAME,
     progress: bool = True,
     pre: dict[str, Any] | None = None,
+    preset: str | None = None,
+    hparams: EditHParams | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after.
@@ -50,61 +54,58 @@ def run_eval(
     Without ``sequential`` every batch starts from the unedited model (undone after its
     evaluation); with it the batches accumulate and the post-edit metrics are measured once,
     after the last batch, over all records. ``pre``: the unedited model's metrics on these
-    requests (from an earlier run_eval's ``"pre"``), to skip measuring them again.
+    requests (from an earlier run_eval's ``"pre"``), to skip measuring them again. One Editor
+    serves every batch, so statistics are loaded and context templates generated (from the
+    unedited model, as the reference does) once.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
-    preset, hp = resolve_hparams(model, method, overrides.pop("preset", None), **overrides)
+    editor = Editor(model, tokenizer, method, preset=preset, hparams=hparams, **overrides)
     pre = dict(pre) if pre is not None else evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
-    pre.setdefault("eval_s", 0.0)
-    # one set of context templates for every batch (from the unedited model, as the reference does)
-    context = context_templates(model, tokenizer, hp.context_templates, seed=hp.seed)
-    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "solve_s": 0.0, "eval_s": pre.pop("eval_s")}
-    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
-    post_parts, weights, results = [], [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc=f"{method} batches of {batch_size}", unit="batch")
-    try:
-        for batch in batches:
-            res = edit(model, tokenizer, batch, method=method, preset=preset, context=context, **hp.to_dict())
-            for k in ("stats_s", "targets_s", "keys_s", "solve_s"):
-                timings[k] += res.timings.get(k, 0.0)
-            if sequential:
-                results.append(res)
-            else:
-                m = evaluate_requests(model, tokenizer, batch, kind=kind, generation=generation)
-                timings["eval_s"] += m.pop("eval_s")
-                post_parts.append(m)
-                weights.append(len(batch))
-                res.undo()
-            if bar is not None:
-                bar.update(1)
-        if sequential:
-            m = evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
-            timings["eval_s"] += m.pop("eval_s")
-            post_parts, weights = [m], [len(requests)]
-    finally:
-        if bar is not None:
-            bar.close()
-        for res in reversed(results):  # leave the model as we found it
-            res.undo()
+    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0,
+               "eval_s": pre.pop("eval_s", 0.0)}
+    editor.context()
+    post_parts, weights = _edit_batches(editor, requests, batch_size, sequential, kind, generation, timings, progress)
     post = aggregate(post_parts, weights=weights)
     if kind == "counterfact" and all(k in post for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
-        from lmedit.evaluate.metrics import harmonic_mean
-
         post["score"] = harmonic_mean([post["efficacy_score"], post["paraphrase_score"], post["neighborhood_score"]])
     timings["total_s"] = time.perf_counter() - t_all
     n = len(requests)
-    timings["edit_s_per_request"] = (timings["targets_s"] + timings["keys_s"] + timings["solve_s"]) / max(n, 1)
+    timings["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
     return {
-        "method": method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
-        "kind": kind, "pre": pre, "post": post, "timings": timings, "hparams": {"preset": preset, **hp.to_dict()},
-        "lmedit_version": __version__,
+        "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
+        "kind": kind, "pre": pre, "post": post, "timings": timings,
+        "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
+
+
+def _edit_batches(editor: Editor, requests: Sequence[EditRequest], batch_size: int, sequential: bool, kind: str,
+                  generation: bool, timings: dict[str, float], progress: bool) -> tuple[list[dict], list[int]]:
+    """Edit and evaluate each batch (undone after it), or all batches then all records; the model is
+    left as it was found. Returns the metric parts and their record counts."""
+    from tqdm.auto import tqdm
+
+    model, tok = editor.model, editor.tokenizer
+    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
+    parts, weights = [], []
+    try:
+        for batch in tqdm(batches, desc=f"{editor.method} batches of {batch_size}", unit="batch", disable=not progress):
+            res = editor.edit(batch)
+            for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s"):
+                timings[k] += res.timings.get(k, 0.0)
+            if not sequential:
+                parts.append(evaluate_requests(model, tok, batch, kind=kind, generation=generation))
+                weights.append(len(batch))
+                editor.undo()
+        if sequential:
+            parts, weights = [evaluate_requests(model, tok, requests, kind=kind, generation=generation)], [len(requests)]
+    finally:
+        while editor.history:  # leave the model as we found it
+            editor.undo()
+    for part in parts:
+        timings["eval_s"] += part.pop("eval_s")
+    return parts, weights
 
 
 def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
@@ -126,7 +127,7 @@ def run_sweep(
     batch_sizes: Sequence[int],
     out_dir: str | Path,
     kind: str = "counterfact",
-    model_name: str = "embedded:smollm2-135m-instruct",
+    model_name: str = DEFAULT_MODEL_NAME,
     method_overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     **overrides: Any,

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from lmedit.core.tokens import encode_continuations, pad, pad_id, token_chunks
+from lmedit.models.adapters import get_adapter
+from lmedit.models.precision import model_device
 
 
 @torch.no_grad()
@@ -32,9 +34,10 @@ def score_continuations(
     """
     pairs = encode_continuations(tokenizer, prefixes, continuations)
     seqs = [p + c for p, c in pairs]
-    device = next(model.parameters()).device
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    unembed = model.get_output_embeddings()
+    adapter = get_adapter(model)
+    device = model_device(model)
+    base = adapter.decoder(model)
+    unembed = adapter.unembed_module(model)
     pid = pad_id(tokenizer)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
     for group in token_chunks([len(s) for s in seqs], max_tokens):

@@ -1,7 +1,9 @@
-"""Editing methods: hyperparameters + closed form, registered by name."""
+"""Editing methods: one hyperparameter dataclass each (fields, closed form), registered by name."""
 
 from lmedit.methods.base import EditHParams, Method, get_method, method_names, register_method
-from lmedit.methods.objectives import EmmetHParams, MemitHParams, RomeHParams
+from lmedit.methods.emmet import EmmetHParams
+from lmedit.methods.memit import MemitHParams
+from lmedit.methods.rome import RomeHParams
 
 __all__ = ["EditHParams", "Method", "get_method", "method_names", "register_method",
            "RomeHParams", "MemitHParams", "EmmetHParams"]

@@ -2,150 +2,101 @@
 
 Example: ``hp = get_method("emmet").hparams_cls.from_dict({"layers": [4, 5, 6, 7, 8]})``
 
-A method is a hyperparameter dataclass plus a solver (the objective's closed form); whether it
-edits requests one after another (ROME) or as one batch is a flag. Everything else (keys,
-targets, statistics, distribution over layers) is shared.
+A method is one hyperparameter dataclass: its fields (with help text and rules), the closed form
+of its objective (``solver()``), and two class constants: ``anchor`` (what target norms are
+measured against) and ``sequential`` (edit requests one after another, as ROME, instead of as one
+batch). Everything else (keys, targets, statistics, distribution over layers) is shared.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from lmedit.config import param
 from lmedit.core.targets import TargetConfig
 from lmedit.errors import HyperparameterError
+from lmedit.models.precision import ACCUMULATE_DTYPES, COMPUTE_DTYPES
+
+Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (R, K, C) -> dW
 
 
-@dataclass
-class EditHParams:
-    """Hyperparameters of every method (names follow the reference repositories)."""
+@dataclass(frozen=True)
+class EditHParams(TargetConfig):
+    """Hyperparameters of every method (names follow the reference repositories).
 
-    layers: tuple[int, ...] = (4, 5, 6, 7, 8)  # edited layers; targets live at the last one
-    # --- target vectors (see lmedit.core.targets) ---
-    v_num_grad_steps: int = 25  # Adam steps
-    v_lr: float = 0.5  # Adam learning rate
-    v_weight_decay: float = 0.5  # weight of ||delta|| / ||init||^2
-    clamp_norm_factor: float = 0.75  # ||delta|| <= factor * ||init||
-    kl_factor: float = 0.0625  # KL weight on "{subject} is a"
-    early_stop_loss: float = 0.05  # per-request stopping loss
-    chunk_requests: int = 64  # requests optimised together
-    compute_dtype: str = "model"  # dtype of the target optimisation: model | float32 | bfloat16 | auto
-    context_templates: tuple[tuple[int, int], ...] = ((10, 5),)  # (tokens, count) per template group
-    seed: int = 0  # seed of the context-template sampler
-    # --- second-moment statistics C (see lmedit.core.stats) ---
-    mom2_corpus: str = "wikipedia-excerpt"  # corpus name or path
-    mom2_n_samples: int = 2000  # texts (paragraphs of the excerpt: 2,000 are about 262k SmolLM2 tokens)
-    mom2_max_length: int = 1024  # tokens per text
-    mom2_dtype: str = "float64"  # accumulation dtype
-    mom2_forward_dtype: str = "model"  # dtype of the statistics forward pass: model | bfloat16 | float32
-    mom2_adjustment: bool = True  # False: C = I (no statistics; as EasyEdit's Llama ROME file)
-    # --- objective ---
-    mom2_update_weight: float = 1.0  # lambda, the weight of preserved keys C
+    The target-vector settings are inherited from :class:`lmedit.core.targets.TargetConfig`.
+    """
+
+    layers: tuple[int, ...] = param((4, 5, 6, 7, 8), "edited layers, increasing; targets live at the last one")
+    context_templates: tuple[tuple[int, int], ...] = param(((10, 5),), "(tokens, count) per context-template group")
+    seed: int = param(0, "seed of the context-template sampler")
+    mom2_corpus: str = param("wikipedia-excerpt", "corpus of the statistics C: a name or a .txt/.jsonl path")
+    mom2_n_samples: int = param(2000, "texts in the statistics (2,000 excerpt paragraphs are about 265k SmolLM2 "
+                                "tokens)", min=1)
+    mom2_max_length: int = param(1024, "tokens per statistics text", min=8)
+    mom2_dtype: str = param("float64", "accumulation dtype of C", choices=tuple(ACCUMULATE_DTYPES))
+    mom2_forward_dtype: str = param("model", "dtype of the statistics forward pass", choices=COMPUTE_DTYPES)
+    mom2_adjustment: bool = param(True, "False: C = I (no statistics; as EasyEdit's Llama ROME file)")
+    mom2_update_weight: float = param(1.0, "lambda, the weight of the preserved keys' C", gt=0)
 
     anchor: ClassVar[str] = "block"  # target norms relative to the block output (MEMIT) or MLP output (ROME)
-
-    def __post_init__(self) -> None:
-        self.layers = tuple(int(x) for x in self.layers)
-        self.context_templates = tuple(tuple(int(v) for v in x) for x in self.context_templates)  # type: ignore[misc]
-        self.validate()
+    sequential: ClassVar[bool] = False  # edit requests one after another (ROME) instead of as one batch
+    summary: ClassVar[str] = ""  # one line for `lmedit list` and --list-hparams
 
     def validate(self) -> None:
-        def need(cond: bool, name: str, rule: str) -> None:
-            if not cond:
-                raise HyperparameterError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: must be {rule}")
+        super().validate()
+        if not self.layers or min(self.layers) < 0 or list(self.layers) != sorted(set(self.layers)):
+            self.fail("layers", "a non-empty, strictly increasing list of layer indices >= 0")
+        if not all(length >= 2 and n >= 1 for length, n in self.context_templates):
+            self.fail("context_templates", "a list of (length >= 2, count >= 1) pairs")
 
-        need(len(self.layers) > 0 and all(x >= 0 for x in self.layers), "layers", "a non-empty list of layer indices >= 0")
-        need(list(self.layers) == sorted(set(self.layers)), "layers", "strictly increasing")
-        need(self.v_num_grad_steps >= 1, "v_num_grad_steps", ">= 1")
-        need(self.v_lr > 0, "v_lr", "> 0")
-        need(self.v_weight_decay >= 0, "v_weight_decay", ">= 0")
-        need(self.clamp_norm_factor > 0, "clamp_norm_factor", "> 0")
-        need(self.kl_factor >= 0, "kl_factor", ">= 0")
-        need(self.chunk_requests >= 1, "chunk_requests", ">= 1")
-        need(self.compute_dtype in ("model", "float32", "bfloat16", "float16", "auto"), "compute_dtype",
-             "one of model, float32, bfloat16, float16, auto")
-        need(all(len(x) == 2 and x[0] >= 2 and x[1] >= 1 for x in self.context_templates), "context_templates",
-             "a list of (length >= 2, count >= 1) pairs")
-        need(self.mom2_n_samples >= 1, "mom2_n_samples", ">= 1")
-        need(self.mom2_max_length >= 8, "mom2_max_length", ">= 8")
-        need(self.mom2_dtype in ("float32", "float64"), "mom2_dtype", "float32 or float64")
-        need(self.mom2_forward_dtype in ("model", "float32", "bfloat16", "float16", "auto"), "mom2_forward_dtype",
-             "one of model, float32, bfloat16, float16, auto")
-        need(self.mom2_update_weight > 0, "mom2_update_weight", "> 0")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EditHParams":
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
-            raise HyperparameterError(
-                f"unknown hyperparameter(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(cls.field_names())}"
-            )
-        return cls(**values)
-
-    def replace(self, **overrides: Any) -> "EditHParams":
-        merged = {**self.to_dict(), **overrides}
-        return type(self).from_dict(merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        d["context_templates"] = [list(x) for x in self.context_templates]
-        return d
-
-    def target_config(self) -> TargetConfig:
-        return TargetConfig(
-            v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr, v_weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-            early_stop_loss=self.early_stop_loss, anchor=self.anchor, chunk_requests=self.chunk_requests,
-            compute_dtype=self.compute_dtype,
-        )
-
-    def solver(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def solver(self) -> Solver:
+        """The objective's closed form with this method's weights bound: (R, K, C) -> dW."""
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its name and its hyperparameter class (which defines everything else)."""
+
     name: str
     hparams_cls: type[EditHParams]
-    sequential: bool  # edit requests one after another (ROME) instead of as one batch
-    summary: str = ""
+
+    @property
+    def sequential(self) -> bool:
+        return self.hparams_cls.sequential
+
+    @property
+    def summary(self) -> str:
+        return self.hparams_cls.summary
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(method: Method) -> Method:
-    _METHODS[method.name] = method
-    return method
+def register_method(name: str, hparams_cls: type[EditHParams], *, overwrite: bool = False) -> Method:
+    """Register ``hparams_cls`` under ``name`` (lower-cased). Example: ``register_method("mine", MyHParams)``"""
+    key = name.strip().lower()
+    if not key or not isinstance(hparams_cls, type) or not issubclass(hparams_cls, EditHParams):
+        raise HyperparameterError(f"register_method({name!r}, {hparams_cls!r}): need a name and an EditHParams subclass")
+    if hparams_cls.solver is EditHParams.solver:
+        raise HyperparameterError(f"{hparams_cls.__name__} does not define solver()")
+    if key in _METHODS and not overwrite:
+        raise HyperparameterError(f"a method named {key!r} is registered already; pass overwrite=True to replace it")
+    _METHODS[key] = Method(key, hparams_cls)
+    return _METHODS[key]
 
 
 def get_method(name: str) -> Method:
     try:
-        return _METHODS[name.lower()]
+        return _METHODS[name.strip().lower()]
     except KeyError:
-        raise HyperparameterError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
+        raise HyperparameterError(f"unknown method {name!r}; available: {', '.join(method_names())}") from None
 
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
-
-
-def parse_value(text: str) -> Any:
-    """Parse a ``--set key=value`` value: JSON where it parses (numbers, lists, booleans), else a string."""
-    import json
-
-    try:
-        return json.loads(text)
-    except ValueError:
-        if "," in text:
-            return [parse_value(x) for x in text.split(",")]
-        return text

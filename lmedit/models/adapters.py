@@ -41,7 +41,7 @@ class ModelAdapter:
 
     # --- module lookup -------------------------------------------------------------------
     def block_list(self, model: nn.Module) -> nn.ModuleList:
-        return _resolve(model, self.blocks)
+        return self.resolve(model, self.blocks)
 
     def n_layers(self, model: nn.Module) -> int:
         return len(self.block_list(model))
@@ -55,21 +55,38 @@ class ModelAdapter:
         return blocks[layer]
 
     def edit_module(self, model: nn.Module, layer: int) -> nn.Module:
-        return _resolve(self.block(model, layer), self.edit)
+        return self.resolve(self.block(model, layer), self.edit)
 
     def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
-        return _resolve(self.block(model, layer), self.mlp)
+        return self.resolve(self.block(model, layer), self.mlp)
 
     def unembed_module(self, model: nn.Module) -> nn.Module:
         """The lm head: the declared path, else ``get_output_embeddings()`` (renamed across transformers
         versions: GPT-NeoX's ``embed_out`` is ``lm_head`` from transformers 5)."""
         try:
-            return _resolve(model, self.unembed)
+            return self.resolve(model, self.unembed)
         except AttributeError:
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             if head is None:
                 raise
             return head
+
+    def final_norm_module(self, model: nn.Module) -> nn.Module:
+        return self.resolve(model, self.final_norm)
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The model without its lm head: blocks and final norm, returning ``last_hidden_state``."""
+        return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+    @staticmethod
+    def resolve(root: nn.Module, path: str) -> nn.Module:
+        """The submodule at dotted ``path`` below ``root``, with an error naming the missing part."""
+        obj: nn.Module = root
+        for part in path.split("."):
+            if not hasattr(obj, part):
+                raise AttributeError(f"module path {path!r} not found in {type(root).__name__}: no attribute {part!r}")
+            obj = getattr(obj, part)
+        return obj
 
     def edit_param_name(self, layer: int) -> str:
         """Full parameter name of the edited weight, e.g. ``model.layers.5.mlp.down_proj.weight``."""
@@ -78,16 +95,15 @@ class ModelAdapter:
     # --- the edited weight in the paper's orientation -------------------------------------
     def weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """W as (d_out, d_in), a view of the stored parameter (transposed for ``in_out``)."""
-        w = self.edit_module(model, layer).weight
-        return w if self.layout == "out_in" else w.T
+        return self.as_out_in(self.edit_module(model, layer).weight)
 
-    def to_storage(self, delta: torch.Tensor) -> torch.Tensor:
-        """Turn a (d_out, d_in) update into the parameter's storage layout."""
-        return delta if self.layout == "out_in" else delta.T
+    def as_out_in(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor in the edited parameter's storage layout, viewed as (d_out, d_in)."""
+        return stored if self.layout == "out_in" else stored.T
 
     def check(self, model: nn.Module) -> None:
         """Resolve every path once and check the declared layout against the module's own sizes."""
-        _resolve(model, self.final_norm)
+        self.final_norm_module(model)
         self.unembed_module(model)
         mod = self.edit_module(model, 0)
         self.mlp_module(model, 0)
@@ -105,17 +121,6 @@ class ModelAdapter:
             )
 
 
-def _resolve(root: nn.Module, path: str) -> nn.Module:
-    obj: nn.Module = root
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            raise AttributeError(
-                f"module path {path!r} not found in {type(root).__name__}: no attribute {part!r}"
-            )
-        obj = getattr(obj, part)
-    return obj
-
-
 _LLAMA_LIKE = dict(
     blocks="model.layers", edit="mlp.down_proj", mlp="mlp", final_norm="model.norm",
     unembed="lm_head", layout="out_in",
@@ -127,7 +132,8 @@ _REGISTRY: dict[str, ModelAdapter] = {}
 def register_adapter(adapter: ModelAdapter, *, overwrite: bool = False) -> ModelAdapter:
     """Register an adapter for ``adapter.model_type``.
 
-    Example: ``register_adapter(ModelAdapter("olmo", **same_paths_as_llama))``
+    Example: ``register_adapter(ModelAdapter("starcoder2", blocks="model.layers", edit="mlp.c_proj", mlp="mlp",
+    final_norm="model.norm", unembed="lm_head", layout="out_in"))``
     """
     if adapter.model_type in _REGISTRY and not overwrite:
         raise ValueError(f"an adapter for {adapter.model_type!r} exists; pass overwrite=True to replace it")

@@ -18,6 +18,7 @@ from torch import nn
 
 from lmedit._fs import atomic_path, cache_root, sha256_file
 from lmedit.errors import ModelLoadError
+from lmedit.models.precision import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def load_model(
 
     path = embedded_model_dir() if name_or_path is None else name_or_path
     if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
+        dtype = parse_dtype(dtype)
     kwargs: dict = {"dtype": dtype if dtype is not None else torch.float32}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -143,15 +144,6 @@ def load_model(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-    try:
-        return table[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}") from None
 
 
 def fingerprint(model: nn.Module, adapter=None) -> str:

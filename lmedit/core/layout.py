@@ -1,0 +1,127 @@
+"""Token layout of the target optimisation: sequences aligned so that every subject-last token
+sits in one column S, and buckets of sequences by how many columns after S their loss reads.
+
+Example: ``lay = build_layout(tok, requests, ["{}", "The ... . {}"]); lay.S  # the shared column``
+
+Rows are (request, template) pairs in request-major order, then one KL row per request (the
+prompt ``"{subject} is a"``); ``templates[0]`` must be the bare prompt ``"{}"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from lmedit.core.tokens import SubjectSeq, encode_continuations, encode_subject_prompts, pad_id
+from lmedit.errors import RequestError
+from lmedit.requests import EditRequest
+
+KL_PROMPT = "{} is a"  # MEMIT's kl_prompts
+
+
+@dataclass
+class TargetLayout:
+    """N sequences (B requests x T templates, then B KL rows) of width W, aligned at column S."""
+
+    ids: torch.Tensor  # (N, W) token ids
+    mask: torch.Tensor  # (N, W) attention mask
+    pos: torch.Tensor  # (N, W) position ids
+    S: int  # the column of every subject-last token
+    req: torch.Tensor  # (N,) request index of each sequence
+    is_kl: torch.Tensor  # (N,) bool: a KL row
+    plain_rows: torch.Tensor  # (B,) the row of each request's bare prompt (template "{}")
+    loss_rows: torch.Tensor  # (M,) sequence index of each target token
+    loss_cols: torch.Tensor  # (M,) column (>= S) whose logits predict it
+    loss_tok: torch.Tensor  # (M,) the target token id
+    loss_w: torch.Tensor  # (M,) weight 1 / (len(target) * n_templates)
+
+    def to(self, device: torch.device) -> "TargetLayout":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TargetLayout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+@dataclass
+class Bucket:
+    """Sequences whose loss reads ``width`` columns from S (a power of 2), and their loss entries."""
+
+    width: int
+    seqs: torch.Tensor  # (n,) sequence indices
+    entries: torch.Tensor  # (m,) indices into the layout's loss_* vectors
+
+
+def _rows(requests: Sequence[EditRequest], templates: Sequence[str]) -> tuple[list[str], list[str], list[int], list[bool]]:
+    """(filled template, subject, request index, is-KL) per sequence, request-major, KL rows last."""
+    filled, subjects, req, kl = [], [], [], []
+    for i, r in enumerate(requests):
+        for t in templates:
+            filled.append(t.replace("{}", r.prompt, 1))
+            subjects.append(r.subject)
+            req.append(i)
+            kl.append(False)
+    for i, r in enumerate(requests):
+        filled.append(KL_PROMPT)
+        subjects.append(r.subject)
+        req.append(i)
+        kl.append(True)
+    return filled, subjects, req, kl
+
+
+def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> TargetLayout:
+    """Tokenise every (request, template) sequence with its target and align the subject-last tokens."""
+    if not templates or templates[0] != "{}":
+        raise ValueError(f"the first context template must be the bare prompt '{{}}', got {list(templates[:1])}")
+    cont = encode_continuations(tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+    target_ids = [c for _, c in cont]  # target tokens of each request, read after its bare prompt
+    filled, subjects, req_idx, kl = _rows(requests, templates)
+    seqs: list[SubjectSeq] = encode_subject_prompts(tokenizer, filled, subjects)
+    full: list[list[int]] = []
+    rows, cols_rel, toks, weights = [], [], [], []
+    for j, (s, i, is_kl) in enumerate(zip(seqs, req_idx, kl)):
+        tgt = [] if is_kl else target_ids[i]
+        full.append(s.ids + tgt[:-1])
+        for k, t in enumerate(tgt):
+            rows.append(j)
+            cols_rel.append(len(s.ids) - 1 + k - s.subject_last)  # relative to the subject-last column
+            toks.append(t)
+            weights.append(1.0 / (len(tgt) * len(templates)))
+    if min(cols_rel, default=0) < 0:
+        raise RequestError("a target token is predicted before the subject's last token; check the prompts")
+    S = max(s.subject_last for s in seqs)
+    W = S + max(len(f) - s.subject_last for f, s in zip(full, seqs))
+    ids = torch.full((len(full), W), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(full), W), dtype=torch.long)
+    pos = torch.zeros((len(full), W), dtype=torch.long)
+    for j, (f, s) in enumerate(zip(full, seqs)):
+        left = S - s.subject_last
+        ids[j, left:left + len(f)] = torch.tensor(f)
+        mask[j, left:left + len(f)] = 1
+        pos[j, left:] = torch.arange(W - left)
+    return TargetLayout(
+        ids=ids, mask=mask, pos=pos, S=S, req=torch.tensor(req_idx), is_kl=torch.tensor(kl),
+        plain_rows=torch.arange(len(requests)) * len(templates),
+        loss_rows=torch.tensor(rows, dtype=torch.long), loss_cols=torch.tensor(cols_rel, dtype=torch.long) + S,
+        loss_tok=torch.tensor(toks, dtype=torch.long), loss_w=torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def buckets(lay: TargetLayout) -> list[Bucket]:
+    """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
+
+    A KL sequence needs one column, a rewrite sequence as many as reach its last target token.
+    Running each group at its own width instead of the widest avoids computing padding.
+    """
+    n_seq = lay.ids.shape[0]
+    need = torch.ones(n_seq, dtype=torch.long, device=lay.ids.device)
+    need.scatter_reduce_(0, lay.loss_rows, lay.loss_cols - lay.S + 1, reduce="amax", include_self=True)
+    width = torch.tensor([1 << int(math.ceil(math.log2(max(1, n)))) for n in need.tolist()], device=need.device)
+    width = torch.clamp(width, max=lay.ids.shape[1] - lay.S)
+    out = []
+    for w in sorted(set(width.tolist())):
+        seqs = torch.nonzero(width == w).squeeze(1)
+        in_bucket = torch.zeros(n_seq, dtype=torch.bool, device=need.device)
+        in_bucket[seqs] = True
+        out.append(Bucket(int(w), seqs, torch.nonzero(in_bucket[lay.loss_rows]).squeeze(1)))
+    return out

@@ -1,0 +1,377 @@
+"""The Editor: one model, one method, and everything a series of edits needs, held explicitly.
+
+Example::
+
+    editor = lmedit.Editor(model, tok, method="emmet")        # preset matched from the architecture
+    result = editor.edit([lmedit.EditRequest("The mother tongue of {} is", "Danielle Darrieux",
+                                             "English", "French")])
+    editor.undo()                                              # the exact original weights again
+
+An Editor owns the model's adapter, the resolved hyperparameters, the statistics C it loaded, the
+context templates it generated (once, then shared by every edit, as the reference code does) and
+the history of its edits (the undo stack). Nothing is stored on the model object: two Editors of
+one model are independent, and each refuses to undo an edit whose weights were written again
+after it (by the other Editor, or by anything else).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmedit.core.context import context_templates
+from lmedit.core.distribute import spread_over_layers
+from lmedit.core.stats import second_moments
+from lmedit.core.targets import TargetResult, compute_targets
+from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
+from lmedit.deltas import read_deltas, write_deltas
+from lmedit.errors import HyperparameterError, LmeditError
+from lmedit.methods import EditHParams, get_method
+from lmedit.models.adapters import ModelAdapter, get_adapter
+from lmedit.models.loading import fingerprint
+from lmedit.models.precision import sync_weights, working_copy
+from lmedit.presets import resolve_hparams
+from lmedit.requests import EditRequest, as_requests
+
+log = logging.getLogger(__name__)
+_STATE_IDS = itertools.count(1)  # ids of weight states, unique in the process
+
+
+class EditState(str, Enum):
+    APPLIED = "applied"  # on its Editor's history; undo() restores the weights before it
+    UNDONE = "undone"
+    SEALED = "sealed"  # applied, but it can no longer be undone (see EditResult.why)
+
+
+@dataclass
+class EditResult:
+    """What one :meth:`Editor.edit` (or :meth:`Editor.apply_deltas`) changed, and how to take it back."""
+
+    editor: "Editor" = field(repr=False)
+    method: str
+    preset: str
+    hparams: EditHParams | None  # None for a delta file of an unknown method
+    requests: list[EditRequest]
+    applied: AppliedEdit = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+    targets: TargetResult | None = field(default=None, repr=False)
+    layer_info: list[dict[int, dict[str, float]]] = field(default_factory=list)  # per batch (per request for ROME)
+    state: EditState = EditState.APPLIED
+    why: str = ""  # why a SEALED edit cannot be undone
+    state_before: int = field(default=0, repr=False)  # the Editor's weights state before this edit
+
+    @property
+    def model(self) -> nn.Module:
+        return self.editor.model
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self.editor.adapter
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.editor.base_fingerprint
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.applied.deltas)
+
+    @property
+    def deltas(self) -> dict[int, torch.Tensor]:
+        """Per layer, the applied update (d_out, d_in), float32."""
+        return self.applied.deltas
+
+    def hparams_record(self) -> dict[str, Any]:
+        """``{"preset": ..., **hyperparameters}`` as plain JSON values."""
+        return {"preset": self.preset, **(self.hparams.to_dict() if self.hparams is not None else {})}
+
+    def undo(self) -> None:
+        """Restore the weights this edit changed, bit-exactly. Later edits must be undone first."""
+        self.editor.undo(self)
+
+    def save_deltas(self, path: str | Path) -> Path:
+        """Write the updates as safetensors (with method, layers, requests and base fingerprint)."""
+        return write_deltas(path, self.deltas, self.adapter, method=self.method, hparams=self.hparams_record(),
+                            requests=[r.to_dict() for r in self.requests], base_fingerprint=self.base_fingerprint)
+
+
+class Editor:
+    """Edits ``model`` in place with one method; see the module docstring.
+
+    ``hparams`` (an instance of the method's dataclass) or the preset matched from the architecture
+    (``preset`` names another; ``"none"``: generic layers) gives the hyperparameters, ``overrides``
+    change single values. ``covariances`` supplies C per layer instead of statistics; ``context``
+    supplies the context-template groups (``[["{}"], [...], ...]``). ``keep_history=False`` is for long
+    sequential runs: no copy of the original weights is kept, so memory stays flat, and edits
+    cannot be undone. ``progress`` shows progress bars.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,
+                 preset: str | None = None, covariances: Mapping[int, torch.Tensor] | None = None,
+                 context: Sequence[Sequence[str]] | None = None, keep_history: bool = True, progress: bool = False,
+                 **overrides: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.adapter = get_adapter(model)
+        self.adapter.check(model)
+        method = method or (_method_of(hparams) if hparams is not None else "emmet")
+        self.method = get_method(method).name
+        self.preset, self.hparams = resolve_hparams(model, self.method, preset, hparams, **overrides)
+        self.base_fingerprint = fingerprint(model, self.adapter)
+        self.keep_history, self.progress = keep_history, progress
+        self.history: list[EditResult] = []
+        self._given_C = None if covariances is None else self._checked_covariances(covariances)
+        self._C: dict[tuple, torch.Tensor] = {}  # statistics loaded so far, by (layer, statistics settings)
+        self._context: dict[tuple, list[list[str]]] = {}
+        if context is not None:
+            self._context[(self.hparams.context_templates, self.hparams.seed)] = _checked_context(context)
+        self._id = next(_STATE_IDS)  # names this Editor in target provenance (unlike id(), never reused)
+        self._state = 0  # id of the weights state as this Editor last saw it (0: as given)
+        self._seen = self._param_versions()
+
+    # --- what edits are built from ------------------------------------------------------------
+    def covariances(self, hp: EditHParams | None = None) -> dict[int, torch.Tensor]:
+        """C per edited layer: given, or loaded (computed once, then cached on disk and here)."""
+        hp = hp or self.hparams
+        if self._given_C is not None:
+            missing = [l for l in hp.layers if l not in self._given_C]
+            if missing:
+                raise HyperparameterError(f"covariances: no matrix for layer(s) {missing} (given: {sorted(self._given_C)})")
+            return {l: self._given_C[l] for l in hp.layers}
+        if not hp.mom2_adjustment:
+            return {l: torch.eye(self.adapter.weight(self.model, l).shape[1], dtype=torch.float64) for l in hp.layers}
+        key = (hp.mom2_corpus, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_dtype, hp.mom2_forward_dtype)
+        missing = [l for l in hp.layers if (l, key) not in self._C]
+        if missing:
+            got = second_moments(self.model, self.tokenizer, self.adapter, missing, corpus=hp.mom2_corpus,
+                                 n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length, dtype=hp.mom2_dtype,
+                                 forward_dtype=hp.mom2_forward_dtype, model_fingerprint=self.base_fingerprint,
+                                 progress=self.progress)
+            self._C.update({(l, key): C for l, C in got.items()})
+        return {l: self._C[(l, key)] for l in hp.layers}
+
+    def context(self, hp: EditHParams | None = None) -> list[list[str]]:
+        """The context-template groups, generated from the model on first use and then shared."""
+        hp = hp or self.hparams
+        key = (hp.context_templates, hp.seed)
+        if key not in self._context:
+            self._context[key] = context_templates(self.model, self.tokenizer, hp.context_templates, seed=hp.seed)
+        return self._context[key]
+
+    def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        out = {}
+        for layer, C in given.items():
+            C = torch.as_tensor(C)
+            d_in = self.adapter.weight(self.model, layer).shape[1]
+            if C.shape != (d_in, d_in):
+                raise HyperparameterError(f"covariances[{layer}] has shape {tuple(C.shape)}, expected ({d_in}, {d_in})")
+            if not torch.isfinite(C).all():
+                raise HyperparameterError(f"covariances[{layer}] contains NaN or inf")
+            out[layer] = C
+        return out
+
+    # --- editing -------------------------------------------------------------------------------
+    def edit(self, requests: Sequence[EditRequest | Mapping[str, Any]] | EditRequest, *,
+             targets: TargetResult | None = None, **overrides: Any) -> EditResult:
+        """Edit the model so that each request's prompt continues with its ``target_new``; atomic.
+
+        ``overrides`` change hyperparameters for this edit only. ``targets`` reuses the target
+        vectors of an earlier edit of the same requests by this Editor (``result.targets``, after
+        that edit was undone), e.g. to sweep lambda without re-optimising; they are refused unless
+        layer, target settings, templates, requests and the weights state match.
+        """
+        t_start = time.perf_counter()
+        reqs = as_requests(requests)
+        hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        C = self.covariances(hp)
+        timings["stats_s"] = time.perf_counter() - t0
+        groups = self.context(hp)
+        if targets is not None:
+            self._check_reusable(targets, reqs, groups, hp)
+        state_before = self.weights_state()
+        with WeightTransaction(self.model, self.adapter) as tx:
+            parts, infos = self._apply(tx, reqs, hp, groups, C, targets, timings)
+        timings["total_s"] = time.perf_counter() - t_start
+        result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
+                            infos, state_before=state_before)
+        self._record(result)
+        return result
+
+    def _apply(self, tx: WeightTransaction, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
+               C: dict[int, torch.Tensor], given: TargetResult | None,
+               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict]]:
+        """Targets, then the distribution over layers, per batch (one batch, or one per request for ROME)."""
+        from tqdm.auto import tqdm
+
+        batches = [[r] for r in reqs] if hp.sequential else [reqs]
+        flat = [t for g in groups for t in g]
+        parts, infos = [], []
+        edited = [self.adapter.edit_param_name(l) for l in hp.layers]
+        with self._work_model(hp, given is None and hp.sequential) as shared, \
+                tqdm(batches, desc=f"{self.method} requests", unit="req", disable=not (self.progress and hp.sequential)) as bar:
+            for batch in bar:
+                t0 = time.perf_counter()
+                tr = given if given is not None else self._targets(shared, batch, flat, hp, len(batches) == 1)
+                timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
+                info, t = spread_over_layers(self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers,
+                                             tr.targets, C, hp.solver())
+                for k, v in t.items():
+                    timings[k] = timings.get(k, 0.0) + v
+                if shared is not None:
+                    sync_weights(shared, self.model, edited)  # the next request's targets see this edit
+                parts.append(tr)
+                infos.append(info)
+        return parts, infos
+
+    @contextmanager
+    def _work_model(self, hp: EditHParams, needed: bool) -> Iterator[nn.Module | None]:
+        """A working copy in the compute dtype kept for the whole edit (sequential methods), or None."""
+        if not needed:
+            yield None
+            return
+        with working_copy(self.model, hp.compute_dtype) as work:
+            yield work
+
+    def _targets(self, shared: nn.Module | None, batch: list[EditRequest], templates: list[str], hp: EditHParams,
+                 progress: bool) -> TargetResult:
+        def run(work: nn.Module) -> TargetResult:
+            tr = compute_targets(work, self.tokenizer, self.adapter, batch, templates, hp.layers[-1], hp,
+                                 anchor=hp.anchor, progress=self.progress and progress)
+            tr.provenance = self._provenance(batch, templates, hp)
+            return tr
+        if shared is not None:
+            return run(shared)
+        with working_copy(self.model, hp.compute_dtype) as work:  # freed before the keys are read
+            return run(work)
+
+    def _provenance(self, reqs: Sequence[EditRequest], templates: Sequence[str], hp: EditHParams) -> dict:
+        """What target vectors depend on, compared before they are reused."""
+        return {"editor": self._id, "weights_state": self.weights_state(), "layer": hp.layers[-1],
+                "anchor": hp.anchor, "config": hp.target_settings(), "templates": list(templates),
+                "requests": [(r.prompt, r.subject, r.target_new) for r in reqs]}
+
+    def _check_reusable(self, targets: TargetResult, reqs: list[EditRequest], groups: list[list[str]],
+                        hp: EditHParams) -> None:
+        """Refuse target vectors that were computed for other requests, settings or weights."""
+        if hp.sequential:
+            raise HyperparameterError("targets= cannot be reused with a sequential method (ROME computes each "
+                                      "request's target after the previous request's edit)")
+        if not isinstance(targets, TargetResult) or not targets.provenance:
+            raise HyperparameterError("targets= takes the .targets of an earlier EditResult of this Editor")
+        want = self._provenance(reqs, [t for g in groups for t in g], hp)
+        for key, what in (("editor", "another Editor (reuse targets within one Editor)"),
+                          ("weights_state", "the model's weights as they were then (undo the edit that produced "
+                           "them, and nothing else, before reusing them)"), ("requests", "other requests"),
+                          ("layer", "another target layer"), ("anchor", "another anchor (method)"),
+                          ("config", "other target-optimisation settings"), ("templates", "other context templates")):
+            if targets.provenance.get(key) != want[key]:
+                raise HyperparameterError(f"targets= were computed for {what}; compute them afresh")
+
+    # --- history -------------------------------------------------------------------------------
+    def _record(self, result: EditResult) -> None:
+        self._state = next(_STATE_IDS)
+        self._seen = self._param_versions()
+        if self.keep_history:
+            self.history.append(result)
+            return
+        if self.history:
+            log.warning("edit applied with keep_history=False: the %d earlier edit(s) of this Editor can no "
+                        "longer be undone", len(self.history))
+        for r in self.history:
+            r.state, r.why = EditState.SEALED, "a later edit was made with keep_history=False on top of it"
+        self.history.clear()
+        result.applied.originals.clear()
+        result.state = EditState.SEALED
+        result.why = "it was made with keep_history=False, so no copy of the original weights was kept"
+
+    def undo(self, result: EditResult | None = None) -> EditResult:
+        """Undo ``result`` (default: the latest edit), bit-exactly; edits are undone newest first."""
+        if result is None:
+            if not self.history:
+                raise LmeditError("nothing to undo: this Editor's history is empty")
+            result = self.history[-1]
+        if result.state is EditState.UNDONE:
+            raise LmeditError("this edit was already undone")
+        if result.state is EditState.SEALED:
+            raise LmeditError(f"this edit cannot be undone: {result.why}")
+        if result not in self.history:
+            raise LmeditError("this edit is not on this Editor's history")
+        later = len(self.history) - 1 - self.history.index(result)
+        if later:
+            raise LmeditError(f"undo the {later} later edit(s) first (edits are undone in reverse order)")
+        changed = result.applied.changed_since(self.model, self.adapter)
+        if changed:
+            raise LmeditError(f"the weights of layer(s) {changed} were changed after this edit (by another Editor, "
+                              "an lmedit.edit call or a write outside lmedit); undo that change first")
+        restore(self.model, self.adapter, result.applied.originals)
+        self.history.pop()
+        result.state = EditState.UNDONE
+        self._state, self._seen = result.state_before, self._param_versions()
+        return result
+
+    def weights_state(self) -> int:
+        """An id of the edited weights' state: a fresh id after each edit, the earlier one again after an
+        exact undo, and a fresh one when a write outside this Editor is detected (torch's version counters)."""
+        if self._param_versions() != self._seen:
+            self._state, self._seen = next(_STATE_IDS), self._param_versions()
+        return self._state
+
+    def _param_versions(self) -> list[int]:
+        """torch's in-place write counters of every editable weight (any write bumps them)."""
+        n = self.adapter.n_layers(self.model)
+        return [self.adapter.edit_module(self.model, l).weight._version for l in range(n)]
+
+    def apply_deltas(self, path: str | Path, *, allow_other_model: bool = False) -> EditResult:
+        """Apply a delta file written by :meth:`EditResult.save_deltas` (refuses another base model)."""
+        import json
+
+        meta, deltas = read_deltas(path, self.model, self.adapter, self.base_fingerprint,
+                                   allow_other_model=allow_other_model)
+        state_before = self.weights_state()
+        with WeightTransaction(self.model, self.adapter) as tx:
+            for layer, delta in sorted(deltas.items()):
+                tx.add(layer, delta)
+        saved = json.loads(meta.get("hparams", "{}"))
+        method = meta.get("method", "?")
+        result = EditResult(self, method, str(saved.pop("preset", "file")), _hparams_or_none(method, saved),
+                            [EditRequest.from_dict(d) for d in json.loads(meta.get("requests", "[]"))], tx.record,
+                            state_before=state_before)
+        self._record(result)
+        return result
+
+
+def _method_of(hparams: EditHParams) -> str:
+    from lmedit.methods.base import method_names
+
+    for name in method_names():
+        if type(hparams) is get_method(name).hparams_cls:
+            return name
+    raise HyperparameterError(f"{type(hparams).__name__} is not a registered method's hyperparameters")
+
+
+def _hparams_or_none(method: str, values: dict[str, Any]) -> EditHParams | None:
+    try:
+        return get_method(method).hparams_cls.from_dict(values)
+    except (LmeditError, TypeError, ValueError):
+        return None
+
+
+def _checked_context(context: Sequence[Sequence[str]]) -> list[list[str]]:
+    groups = [list(g) for g in context]
+    if not groups or groups[0] != ["{}"]:
+        raise HyperparameterError(f"context: the first group must be ['{{}}'] (the bare prompt), got {groups[:1]}")
+    bad = [t for g in groups for t in g if t.count("{}") != 1]
+    if bad:
+        raise HyperparameterError(f"context: every template needs exactly one '{{}}', not {bad[0]!r}")
+    return groups

@@ -1,0 +1,38 @@
+"""ROME: one layer, equality constraint, requests applied one after another.
+
+Example: ``lmedit.edit(model, tok, requests, method="rome", layers=[6])``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
+
+from lmedit.config import param
+from lmedit.core import solvers
+from lmedit.methods.base import EditHParams, register_method
+
+
+@dataclass(frozen=True)
+class RomeHParams(EditHParams):
+    """ROME (Meng et al. 2022): dW = r (C^-1 k)^T / (k^T C^-1 k), one request at a time."""
+
+    layers: tuple[int, ...] = param((6,), "the one edited layer")
+    clamp_norm_factor: float = param(4.0, "||delta|| <= factor * ||MLP output|| (ROME's value)", gt=0)
+    context_templates: tuple[tuple[int, int], ...] = param(((5, 10), (10, 10)), "ROME's 1 + 20 templates")
+
+    anchor: ClassVar[str] = "mlp"
+    sequential: ClassVar[bool] = True
+    summary: ClassVar[str] = "rank-one equality edit of one layer, one request at a time"
+
+    def validate(self) -> None:
+        super().validate()
+        if len(self.layers) != 1:
+            self.fail("layers", "one layer (ROME edits one; use memit or emmet for several)")
+
+    def solver(self):
+        return partial(solvers.emmet, lam=self.mom2_update_weight, ridge=0.0)  # one key: exactly ROME's rank-one form
+
+
+register_method("rome", RomeHParams)

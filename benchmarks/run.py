@@ -33,6 +33,7 @@ from lmedit.core.targets import TargetConfig, compute_targets
 from lmedit.core.tokens import pad, pad_id, token_chunks
 from lmedit.evaluate.runner import record_scores
 from lmedit.hooks import Trace
+from lmedit.models.precision import model_device, working_copy
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact" / "counterfact_500.json"
 
@@ -45,6 +46,89 @@ def timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
+
+
+def bench_statistics(model, tok, adapter, args, layers, rows) -> dict:
+    """One statistics pass for all layers vs a plain forward through the same layers (its floor)."""
+    import tempfile
+
+    texts = load_corpus("wikipedia-excerpt", args.stats_samples)
+    enc = tok(texts, truncation=True, max_length=1024)["input_ids"]
+    n_tok = sum(len(x) for x in enc)
+    with tempfile.TemporaryDirectory() as d:
+        _, t_stats = timed(lambda: second_moments(model, tok, adapter, layers, n_samples=args.stats_samples,
+                                                  forward_dtype=args.stats_dtype, cache_dir=d, progress=False))
+
+    def plain_forward(work):
+        with torch.no_grad():
+            for g in token_chunks([len(x) for x in enc], 8192):
+                ids, mask = pad([enc[i] for i in g], pad_id(tok))
+                with Trace({"stop": adapter.block(work, layers[-1])}, stop=True):
+                    work(input_ids=ids.to(model_device(work)), attention_mask=mask.to(model_device(work)), use_cache=False)
+
+    with working_copy(model, args.stats_dtype) as work:
+        _, t_floor = timed(lambda: plain_forward(work))
+    rows.append(("statistics", f"{t_stats:.1f} s ({n_tok / t_stats:,.0f} tok/s, {n_tok:,} tokens, L{layers[0]}-{layers[-1]})",
+                 f"plain forward to L{layers[-1]}: {t_floor:.1f} s"))
+    return {"tokens": n_tok, "seconds": t_stats, "tokens_per_s": n_tok / t_stats, "floor_forward_s": t_floor,
+            "layers": layers, "forward_dtype": args.stats_dtype}
+
+
+def bench_targets(model, tok, adapter, args, layers, requests, flat, rows) -> dict:
+    """Target vectors per batch size, and a reference-style step (full model, all positions, full logits)."""
+    config = TargetConfig(v_num_grad_steps=args.steps, compute_dtype=args.dtype_targets, clamp_norm_factor=4.0,
+                          v_weight_decay=1e-3)
+    out: dict = {}
+    with working_copy(model, args.dtype_targets) as work:
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            batch = requests[:bs]
+            tr, t = timed(lambda: compute_targets(work, tok, adapter, batch, flat, layers[-1], config))
+            steps = float(tr.steps.float().mean())
+            out[bs] = {"seconds": t, "s_per_request": t / bs, "mean_steps": steps,
+                       "forward_tokens": tr.stats["forward_tokens"]}
+            rows.append((f"targets, batch {bs}", f"{t / bs:.2f} s/request ({t:.1f} s)", f"mean steps {steps:.1f}"))
+    r0 = requests[0]
+    texts0 = [t.replace("{}", r0.prompt, 1).replace("{}", r0.subject) for t in flat] + [f"{r0.subject} is a"]
+    ids, mask = pad(tok(texts0)["input_ids"], pad_id(tok))
+    device = model_device(model)
+
+    def ref_step():  # as the reference's compute_z: parameters not frozen, logits everywhere
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        torch.log_softmax(logits.float(), -1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    ref_step()
+    _, t_ref = timed(ref_step)
+    out["reference_style_step_s_per_request"] = t_ref
+    rows.append(("targets floor ref.", f"reference-style step: {t_ref * 1000:.0f} ms/request",
+                 f"x{args.steps} steps = {t_ref * args.steps:.1f} s/request (before early stop)"))
+    return out
+
+
+def bench_keys_and_solves(model, tok, adapter, layers, requests, groups, rows) -> dict:
+    batch = requests[:64]
+    _, t_keys = timed(lambda: collect_keys(model, tok, adapter, batch, groups, layers))
+    out: dict = {"keys_s_per_request": t_keys / len(batch)}
+    rows.append((f"keys ({len(layers)} layers)", f"{t_keys / len(batch) * 1000:.0f} ms/request", "batch 64"))
+    d_out, d_in = adapter.weight(model, layers[0]).shape
+    X = torch.randn(4 * d_in, d_in, dtype=torch.float64)
+    C = X.T @ X / X.shape[0]
+    for B in (16, 256):
+        K = torch.randn(d_in, B, dtype=torch.float64)
+        R = torch.randn(d_out, B, dtype=torch.float64)
+        _, t_e = timed(lambda: emmet(R, K, C, 1.0, 0.1))
+        _, t_m = timed(lambda: memit(R, K, C, 1500.0))
+        out[f"solve_b{B}"] = {"emmet_s": t_e, "memit_s": t_m}
+        rows.append((f"solve per layer, B={B}", f"EMMET {t_e * 1000:.0f} ms, MEMIT {t_m * 1000:.0f} ms", "float64, Cholesky"))
+    return out
+
+
+def bench_evaluation(model, tok, requests, rows) -> dict:
+    ev = requests[:64]
+    n_prompts = sum(2 * (1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts)) for r in ev)
+    _, t_ev = timed(lambda: record_scores(model, tok, ev))
+    rows.append(("evaluation", f"{n_prompts / t_ev:.0f} prompts/s", f"{len(ev)} CounterFact records"))
+    return {"prompts": n_prompts, "seconds": t_ev, "prompts_per_s": n_prompts / t_ev}
 
 
 def main() -> int:
@@ -63,100 +147,22 @@ def main() -> int:
     layers = [int(x) for x in args.layers.split(",")]
     model, tok = lmedit.load_model(args.model)
     adapter = lmedit.get_adapter(model)
-    device = next(model.parameters()).device
     rows: list[tuple[str, str, str]] = []
     res: dict = {"versions": {"lmedit": lmedit.__version__, "torch": torch.__version__,
                               "transformers": __import__("transformers").__version__, "python": platform.python_version()},
-                 "threads": threads, "device": str(device), "cpu": platform.processor() or platform.machine()}
-
-    # --- statistics: one pass for all layers vs a plain forward through the same layers ---
-    texts = load_corpus("wikipedia-excerpt", args.stats_samples)
-    enc = tok(texts, truncation=True, max_length=1024)["input_ids"]
-    n_tok = sum(len(x) for x in enc)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        _, t_stats = timed(lambda: second_moments(model, tok, adapter, layers, n_samples=args.stats_samples,
-                                                  forward_dtype=args.stats_dtype, cache_dir=d, progress=False))
-    from lmedit.core.targets import _work_model
-
-    work = _work_model(model, args.stats_dtype)
-
-    def plain_forward():
-        with torch.no_grad():
-            for g in token_chunks([len(x) for x in enc], 8192):
-                ids, mask = pad([enc[i] for i in g], pad_id(tok))
-                with Trace({"stop": adapter.block(work, layers[-1])}, stop=True):
-                    work(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-
-    _, t_floor = timed(plain_forward)
-
-    res["statistics"] = {"tokens": n_tok, "seconds": t_stats, "tokens_per_s": n_tok / t_stats,
-                         "floor_forward_s": t_floor, "layers": layers, "forward_dtype": args.stats_dtype}
-    rows.append(("statistics", f"{t_stats:.1f} s ({n_tok / t_stats:,.0f} tok/s, {n_tok:,} tokens, L{layers[0]}-{layers[-1]})",
-                 f"plain forward to L{layers[-1]}: {t_floor:.1f} s"))
-
-    # --- target vectors ---
+                 "threads": threads, "device": str(model_device(model)), "cpu": platform.processor() or platform.machine()}
     requests = lmedit.load_requests(args.data)
     groups = context_templates(model, tok)
-    flat = [t for g in groups for t in g]
-    hp = TargetConfig(v_num_grad_steps=args.steps, compute_dtype=args.dtype_targets, clamp_norm_factor=4.0,
-                      v_weight_decay=1e-3)
-    res["targets"] = {}
-    for bs in [int(x) for x in args.batch_sizes.split(",")]:
-        batch = requests[:bs]
-        tr, t = timed(lambda: compute_targets(model, tok, adapter, batch, flat, layers[-1], hp))
-        res["targets"][bs] = {"seconds": t, "s_per_request": t / bs, "mean_steps": float(tr.steps.float().mean()),
-                              "forward_tokens": tr.stats["forward_tokens"]}
-        rows.append((f"targets, batch {bs}", f"{t / bs:.2f} s/request ({t:.1f} s)",
-                     f"mean steps {float(tr.steps.float().mean()):.1f}"))
-    # reference-style step: full model, all positions, full logits, one request (forward + backward)
-    r0 = requests[0]
-    texts0 = [t.replace("{}", r0.prompt, 1).replace("{}", r0.subject) for t in flat] + [f"{r0.subject} is a"]
-    enc0 = tok(texts0)["input_ids"]
-    ids, mask = pad(enc0, pad_id(tok))
-
-    def ref_step():  # as the reference's compute_z: parameters not frozen, logits everywhere
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        torch.log_softmax(out.float(), -1).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    ref_step()
-    _, t_ref = timed(ref_step)
-    res["targets"]["reference_style_step_s_per_request"] = t_ref
-    rows.append(("targets floor ref.", f"reference-style step: {t_ref * 1000:.0f} ms/request",
-                 f"x{args.steps} steps = {t_ref * args.steps:.1f} s/request (before early stop)"))
-
-    # --- keys and solves ---
-    batch = requests[:64]
-    _, t_keys = timed(lambda: collect_keys(model, tok, adapter, batch, groups, layers))
-    res["keys_s_per_request"] = t_keys / len(batch)
-    rows.append(("keys (5 layers)", f"{t_keys / len(batch) * 1000:.0f} ms/request", "batch 64, 6 templates"))
-    d_in = adapter.weight(model, layers[0]).shape[1]
-    d_out = adapter.weight(model, layers[0]).shape[0]
-    X = torch.randn(4 * d_in, d_in, dtype=torch.float64)
-    C = X.T @ X / X.shape[0]
-    for B in (16, 256):
-        K = torch.randn(d_in, B, dtype=torch.float64)
-        R = torch.randn(d_out, B, dtype=torch.float64)
-        _, t_e = timed(lambda: emmet(R, K, C, 1.0, 0.1))
-        _, t_m = timed(lambda: memit(R, K, C, 1500.0))
-        res[f"solve_b{B}"] = {"emmet_s": t_e, "memit_s": t_m}
-        rows.append((f"solve per layer, B={B}", f"EMMET {t_e * 1000:.0f} ms, MEMIT {t_m * 1000:.0f} ms", "float64, Cholesky"))
-
-    # --- evaluation ---
-    ev = requests[:64]
-    n_prompts = sum(2 * (1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts)) for r in ev)
-    _, t_ev = timed(lambda: record_scores(model, tok, ev))
-    res["evaluation"] = {"prompts": n_prompts, "seconds": t_ev, "prompts_per_s": n_prompts / t_ev}
-    rows.append(("evaluation", f"{n_prompts / t_ev:.0f} prompts/s", f"{len(ev)} CounterFact records"))
+    res["statistics"] = bench_statistics(model, tok, adapter, args, layers, rows)
+    res["targets"] = bench_targets(model, tok, adapter, args, layers, requests, [t for g in groups for t in g], rows)
+    res.update(bench_keys_and_solves(model, tok, adapter, layers, requests, groups, rows))
+    res["evaluation"] = bench_evaluation(model, tok, requests, rows)
     res["peak_rss_mb"] = rss_mb()
     if torch.cuda.is_available():
         res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     rows.append(("peak memory", f"RSS {rss_mb():.0f} MB", ""))
-
     w = max(len(r[0]) for r in rows)
-    print(f"lmedit {lmedit.__version__}, torch {torch.__version__}, {threads} threads, {device}")
+    print(f"lmedit {lmedit.__version__}, torch {torch.__version__}, {threads} threads, {model_device(model)}")
     for a, b, c in rows:
         print(f"{a:<{w}}  {b:<48} {c}")
     out = Path(args.out)

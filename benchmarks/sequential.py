@@ -24,7 +24,6 @@ import torch
 
 import lmedit
 from lmedit._runtime import configure_threads, release_freed_memory
-from lmedit.core.context import context_templates
 from lmedit.evaluate.generation import generation_entropy
 from lmedit.evaluate.scoring import generate_texts, score_continuations
 
@@ -82,8 +81,9 @@ def main() -> None:
     adapter = lmedit.get_adapter(model)
     reqs = lmedit.load_requests(args.data)
     batches = batches_without_conflicts(reqs, args.batch_size, args.batches)
-    _, hp = lmedit.resolve_hparams(model, args.method)
-    context = context_templates(model, tok, hp.context_templates, seed=hp.seed)
+    editor = lmedit.Editor(model, tok, args.method, keep_history=args.keep_history)
+    hp = editor.hparams
+    editor.context()  # context templates from the unedited model, shared by every batch
     W0 = {l: adapter.weight(model, l).detach().float().clone() for l in hp.layers}
     first = batches[0]
     nb = [(p, r.neighborhood_target, r.target_new) for r in first for p in r.neighborhood_prompts[: args.neighbors_per_record]
@@ -113,7 +113,7 @@ def main() -> None:
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         try:
-            lmedit.edit(model, tok, batch, method=args.method, context=context, keep_history=args.keep_history)
+            editor.edit(batch)
         except lmedit.LmeditError as e:  # e.g. a solve that is no longer positive definite: record where and stop
             print(f"batch {i + 1}: edit failed: {e}")
             write_outputs(args, hp, result(f"batch {i + 1}: {type(e).__name__}: {e}"), rows)

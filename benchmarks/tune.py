@@ -8,7 +8,7 @@ Usage::
 
 The records are edited as one batch per grid point, each from the unedited model. The target
 vectors do not depend on lambda or the ridge, so they are optimised once and reused for every grid
-point (``lmedit.edit(targets=...)``); only keys, solves and the evaluation are repeated. The chosen
+point of a method (``Editor.edit(targets=...)``); only keys, solves and the evaluation are repeated. The chosen
 value maximises the Score (harmonic mean of ES, PS, NS) on these records; differences below 0.1
 point are ties, broken by NS, then PM, then in favour of the preset's value. Writes ``<out>/tuning.json`` and ``<out>/tuning.md``.
 """
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import lmedit
 from lmedit._runtime import configure_threads
-from lmedit.core.context import context_templates
 from lmedit.evaluate.experiment import METRIC_KEYS
 from lmedit.evaluate.runner import evaluate_requests
-from lmedit.methods.base import parse_value
+from lmedit.cli import parse_value
 
 
 
@@ -68,20 +67,17 @@ def main() -> None:
     pre = evaluate_requests(model, tok, reqs)
     print(f"unedited: ES {pre['efficacy_score']:.1f} PS {pre['paraphrase_score']:.1f} NS {pre['neighborhood_score']:.1f}",
           flush=True)
-    rows, cached = [], None
+    rows = []
     for method, key, values in grids:
-        _, hp = lmedit.resolve_hparams(model, method)
-        context = context_templates(model, tok, hp.context_templates, seed=hp.seed)
+        editor = lmedit.Editor(model, tok, method)  # one per method: its targets serve every grid point
+        cached = None
         for v in values:
             t0 = time.perf_counter()
-            try:  # targets from an earlier grid point (of either method) when they fit, else computed here
-                res = lmedit.edit(model, tok, reqs, method=method, context=context, targets=cached, **{key: v})
-            except lmedit.HyperparameterError:
-                res = lmedit.edit(model, tok, reqs, method=method, context=context, **{key: v})
+            res = editor.edit(reqs, targets=cached, **{key: v})
             t_edit = time.perf_counter() - t0
             cached = res.targets
             m = evaluate_requests(model, tok, reqs)
-            res.undo()
+            editor.undo()
             row = {"method": method, "param": key, "value": v, **{k: m[k] for k in METRIC_KEYS}, "edit_s": t_edit,
                    "eval_s": m["eval_s"], "targets_s": res.timings.get("targets_s", 0.0)}
             rows.append(row)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from lmedit.core.context import context_templates
-from lmedit.core.distribute import spread_over_layers
+from lmedit.core.distribute import LayerSystem, spread_over_layers
+from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
 from lmedit.core.targets import TargetResult, compute_targets
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
@@ -66,6 +67,7 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
     targets: TargetResult | None = field(default=None, repr=False)
     layer_info: list[dict[int, dict[str, float]]] = field(default_factory=list)  # per batch (per request for ROME)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # layer -> (B, d_in) keys the solves used
     state: EditState = EditState.APPLIED
     why: str = ""  # why a SEALED edit cannot be undone
     state_before: int = field(default=0, repr=False)  # the Editor's weights state before this edit
@@ -132,6 +134,11 @@ class Editor:
         self._given_C = None if covariances is None else self._checked_covariances(covariances)
         self._C: dict[tuple, torch.Tensor] = {}  # statistics loaded so far, by (layer, statistics settings)
         self._context: dict[tuple, list[list[str]]] = {}
+        self._null: dict[tuple, torch.Tensor] = {}  # AlphaEdit's null-space bases, by (layer, energy)
+        # Lifelong state: per layer, the float64 sum K_p K_p^T of the keys of this Editor's edits made
+        # with preserve_edits (what later edits preserve), and how many edits it holds.
+        self.earlier: dict[int, torch.Tensor] = {}
+        self.n_earlier = 0
         if context is not None:
             self._context[(self.hparams.context_templates, self.hparams.seed)] = _checked_context(context)
         self._id = next(_STATE_IDS)  # names this Editor in target provenance (unlike id(), never reused)
@@ -167,6 +174,19 @@ class Editor:
             self._context[key] = context_templates(self.model, self.tokenizer, hp.context_templates, seed=hp.seed)
         return self._context[key]
 
+    def systems(self, hp: EditHParams, C: dict[int, torch.Tensor]) -> dict[int, LayerSystem]:
+        """Per edited layer, what the closed form reads besides R and K."""
+        out = {}
+        for layer in hp.layers:
+            basis = None
+            if hp.needs_null_space:
+                key = (layer, hp.nullspace_energy, id(C[layer]))
+                if key not in self._null:
+                    self._null[key] = null_space_basis(C[layer], hp.nullspace_energy)
+                basis = self._null[key]
+            out[layer] = LayerSystem(C[layer], self.earlier.get(layer) if hp.preserve_edits else None, basis)
+        return out
+
     def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         out = {}
         for layer, C in given.items():
@@ -201,22 +221,28 @@ class Editor:
             self._check_reusable(targets, reqs, groups, hp)
         state_before = self.weights_state()
         with WeightTransaction(self.model, self.adapter) as tx:
-            parts, infos = self._apply(tx, reqs, hp, groups, C, targets, timings)
+            parts, infos, keys, earlier = self._apply(tx, reqs, hp, groups, C, targets, timings)
         timings["total_s"] = time.perf_counter() - t_start
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
-                            infos, state_before=state_before)
+                            infos, keys, state_before=state_before)
+        if hp.preserve_edits:
+            self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
         self._record(result)
         return result
 
     def _apply(self, tx: WeightTransaction, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
                C: dict[int, torch.Tensor], given: TargetResult | None,
-               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict]]:
-        """Targets, then the distribution over layers, per batch (one batch, or one per request for ROME)."""
+               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict], dict, dict]:
+        """Targets, then the distribution over layers, per batch (one batch, or one per request for ROME).
+
+        Returns the target parts, per-batch diagnostics, and the new sum of earlier keys (with
+        preserve_edits; committed by the caller only if the whole edit succeeds)."""
         from tqdm.auto import tqdm
 
         batches = [[r] for r in reqs] if hp.sequential else [reqs]
         flat = [t for g in groups for t in g]
-        parts, infos = [], []
+        parts, infos, keys = [], [], {}
+        earlier = dict(self.earlier)
         edited = [self.adapter.edit_param_name(l) for l in hp.layers]
         with self._work_model(hp, given is None and hp.sequential) as shared, \
                 tqdm(batches, desc=f"{self.method} requests", unit="req", disable=not (self.progress and hp.sequential)) as bar:
@@ -224,15 +250,23 @@ class Editor:
                 t0 = time.perf_counter()
                 tr = given if given is not None else self._targets(shared, batch, flat, hp, len(batches) == 1)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
-                info, t = spread_over_layers(self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers,
-                                             tr.targets, C, hp.solver())
+                systems = self.systems(hp, C)
+                if hp.preserve_edits:
+                    systems = {l: LayerSystem(s.C, earlier.get(l), s.null_basis) for l, s in systems.items()}
+                info, t, K = spread_over_layers(self.model, self.tokenizer, self.adapter, tx, batch, groups,
+                                                hp.layers, tr.targets, systems, hp.solver())
+                for l, k in K.items():
+                    keys[l] = torch.cat([keys[l], k]) if l in keys else k
+                    if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
+                        k64 = k.to(torch.float64)
+                        earlier[l] = k64.T @ k64 + (earlier[l] if l in earlier else 0)
                 for k, v in t.items():
                     timings[k] = timings.get(k, 0.0) + v
                 if shared is not None:
                     sync_weights(shared, self.model, edited)  # the next request's targets see this edit
                 parts.append(tr)
                 infos.append(info)
-        return parts, infos
+        return parts, infos, keys, earlier
 
     @contextmanager
     def _work_model(self, hp: EditHParams, needed: bool) -> Iterator[nn.Module | None]:
@@ -315,6 +349,11 @@ class Editor:
             raise LmeditError(f"the weights of layer(s) {changed} were changed after this edit (by another Editor, "
                               "an lmedit.edit call or a write outside lmedit); undo that change first")
         restore(self.model, self.adapter, result.applied.originals)
+        if result.hparams is not None and result.hparams.preserve_edits:
+            for l, k in result.keys.items():  # take the edit's keys out of the preserved set again
+                k64 = k.to(torch.float64)
+                self.earlier[l] = self.earlier[l] - k64.T @ k64
+            self.n_earlier -= len(result.requests)
         self.history.pop()
         result.state = EditState.UNDONE
         self._state, self._seen = result.state_before, self._param_versions()

@@ -11,7 +11,7 @@ the earlier layers already written:
     dW_i = solve(R_i, K_i, C_i)         the objective's closed form (MEMIT, EMMET, ROME ...)
 
 so each layer takes an equal share of what is still missing. Any objective pairs with any
-distribution: the solver is a plain function of (R, K, C).
+distribution: the solver is a plain function of (R, K, the layer's system).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,16 @@ from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (R, K, C) -> dW
+@dataclass
+class LayerSystem:
+    """What a layer's closed form reads besides R and K."""
+
+    C: torch.Tensor  # (d_in, d_in) second moment of the preserved keys (a mean over corpus tokens)
+    earlier: torch.Tensor | None = None  # (d_in, d_in) float64 sum of K_p K_p^T over earlier edits' keys
+    null_basis: torch.Tensor | None = None  # (d_in, r) orthonormal basis of C's null space (AlphaEdit)
+
+
+Solver = Callable[[torch.Tensor, torch.Tensor, LayerSystem], torch.Tensor]  # (R, K, system) -> dW
 
 
 def spread_over_layers(
@@ -41,17 +51,18 @@ def spread_over_layers(
     template_groups: Sequence[Sequence[str]],
     layers: Sequence[int],
     targets: torch.Tensor,
-    covariances: dict[int, torch.Tensor],
+    systems: dict[int, LayerSystem],
     solve: Solver,
-) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+) -> tuple[dict[int, dict[str, float]], dict[str, float], dict[int, torch.Tensor]]:
     """Write the updates layer by layer into ``tx``.
 
-    Returns (per-layer diagnostics, timings): ``keys_s`` reading K, ``residual_s`` re-reading z,
-    ``solve_s`` the closed forms.
+    Returns (per-layer diagnostics, timings, keys): timings ``keys_s`` reading K, ``residual_s``
+    re-reading z, ``solve_s`` the closed forms; keys {layer: K (B, d_in)} as each layer's solve used them.
     """
     z_layer = layers[-1]
     info: dict[int, dict[str, float]] = {}
     timings = {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0}
+    keys: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         K = collect_keys(model, tokenizer, adapter, requests, template_groups, [layer])[layer]  # (B, d_in)
@@ -59,7 +70,8 @@ def spread_over_layers(
         z_now = residual_stream(model, tokenizer, adapter, requests, z_layer)  # (B, d)
         t2 = time.perf_counter()
         R = (targets - z_now) / (len(layers) - i)  # (B, d)
-        dW = solve(R.T, K.T, covariances[layer])  # (d_out, d_in) float64
+        dW = solve(R.T, K.T, systems[layer])  # (d_out, d_in) float64
+        keys[layer] = K
         t3 = time.perf_counter()
         tx.add(layer, dW)
         info[layer] = {
@@ -71,4 +83,4 @@ def spread_over_layers(
         timings["residual_s"] += t2 - t1
         timings["solve_s"] += t3 - t2
         log.debug("layer %d: %s", layer, info[layer])
-    return info, timings
+    return info, timings, keys

@@ -10,18 +10,15 @@ batch). Everything else (keys, targets, statistics, distribution over layers) is
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from lmedit.config import param
+from lmedit.core.distribute import Solver
 from lmedit.core.targets import TargetConfig
 from lmedit.errors import HyperparameterError
 from lmedit.models.precision import ACCUMULATE_DTYPES, COMPUTE_DTYPES
 
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (R, K, C) -> dW
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,9 @@ class EditHParams(TargetConfig):
     mom2_adjustment: bool = param(True, "False: C = I (no statistics; as EasyEdit's Llama ROME file)")
     mom2_update_weight: float = param(1.0, "lambda, the weight of the preserved keys' C", gt=0)
 
+    preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
+                                 "(sum K_p K_p^T; for lifelong editing)")
+
     anchor: ClassVar[str] = "block"  # target norms relative to the block output (MEMIT) or MLP output (ROME)
     sequential: ClassVar[bool] = False  # edit requests one after another (ROME) instead of as one batch
     summary: ClassVar[str] = ""  # one line for `lmedit list` and --list-hparams
@@ -54,8 +54,13 @@ class EditHParams(TargetConfig):
         if not all(length >= 2 and n >= 1 for length, n in self.context_templates):
             self.fail("context_templates", "a list of (length >= 2, count >= 1) pairs")
 
+    @property
+    def needs_null_space(self) -> bool:
+        """Whether the solver reads ``LayerSystem.null_basis`` (AlphaEdit)."""
+        return False
+
     def solver(self) -> Solver:
-        """The objective's closed form with this method's weights bound: (R, K, C) -> dW."""
+        """The objective's closed form with this method's weights bound: (R, K, system) -> dW."""
         raise NotImplementedError
 
 

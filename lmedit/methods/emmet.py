@@ -6,7 +6,6 @@ Example: ``lmedit.edit(model, tok, requests, method="emmet", emmet_lambda=0.1)``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import ClassVar
 
 from lmedit.config import param
@@ -16,7 +15,7 @@ from lmedit.methods.base import EditHParams, register_method
 
 @dataclass(frozen=True)
 class EmmetHParams(EditHParams):
-    """EMMET (Gupta et al. 2024), C' = lambda C + mu I."""
+    """EMMET (Gupta et al. 2024), C' = lambda C + mu I [+ P_e]."""
 
     mom2_update_weight: float = param(1.0, "lambda in C' = lambda C + mu I", gt=0)
     emmet_lambda: float = param(0.1, "ridge on the B x B matrix K^T C'^-1 K (the reference's emmet_lambda)", min=0)
@@ -25,7 +24,11 @@ class EmmetHParams(EditHParams):
     summary: ClassVar[str] = "equality-constrained batch edit spread over layers"
 
     def solver(self):
-        return partial(solvers.emmet, lam=self.mom2_update_weight, ridge=self.emmet_lambda, mu=self.update_norm_lambda)
+        lam, ridge, mu, keep = self.mom2_update_weight, self.emmet_lambda, self.update_norm_lambda, self.preserve_edits
+
+        def solve(R, K, system):
+            return solvers.emmet(R, K, system.C, lam=lam, ridge=ridge, mu=mu, earlier=system.earlier if keep else None)
+        return solve
 
 
 register_method("emmet", EmmetHParams)

@@ -6,7 +6,6 @@ Example: ``lmedit.edit(model, tok, requests, method="rome", layers=[6])``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import ClassVar
 
 from lmedit.config import param
@@ -32,7 +31,11 @@ class RomeHParams(EditHParams):
             self.fail("layers", "one layer (ROME edits one; use memit or emmet for several)")
 
     def solver(self):
-        return partial(solvers.emmet, lam=self.mom2_update_weight, ridge=0.0)  # one key: exactly ROME's rank-one form
+        lam, keep = self.mom2_update_weight, self.preserve_edits
+
+        def solve(R, K, system):  # one key: EMMET with one key is exactly ROME's rank-one form
+            return solvers.emmet(R, K, system.C, lam=lam, ridge=0.0, earlier=system.earlier if keep else None)
+        return solve
 
 
 register_method("rome", RomeHParams)

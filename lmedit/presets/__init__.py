@@ -54,10 +54,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                       mom2_update_weight=20000.0),
         "emmet": dict(_GPT2XL, layers=[17], v_num_grad_steps=20, clamp_norm_factor=0.75, mom2_update_weight=1000.0,
                       emmet_lambda=0.1),
+        "encore": dict(_GPT2XL, layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, clamp_norm_factor=0.75,
+                       mom2_update_weight=20000.0, update_norm_lambda=10.0, mpes_extra_steps=3),
+        "alphaedit": dict(_GPT2XL, layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, clamp_norm_factor=0.75),
     }, {
         "rome": "kmeng01/rome hparams/ROME/gpt2-xl.json @0c06752",
         "memit": "zjunlp/EasyEdit hparams/MEMIT/gpt2-xl.json @a781d66 (same values as kmeng01/memit)",
         "emmet": "scalable-model-editing/unified-model-editing hparams/EMMET/gpt2-xl.json @dabbb96",
+        "encore": "scalable-model-editing/knowledge-editing-regularization hparams/ENCORE/gpt2-xl.json (prob_cutoff -4)",
+        "alphaedit": "jianghoucheng/AlphaEdit hparams/AlphaEdit/gpt2-xl.json (threshold 2e-2 replaced by an energy share)",
     }),
     _preset("gpt-j-6b", ("gptj", 28, 4096), {
         "rome": dict(_GPTJ, layers=[5], v_num_grad_steps=20, clamp_norm_factor=4.0),
@@ -65,19 +70,24 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                       mom2_update_weight=15000.0),
         "emmet": dict(_GPTJ, layers=[5], v_num_grad_steps=25, clamp_norm_factor=0.75, mom2_update_weight=10000.0,
                       emmet_lambda=0.1),
+        "alphaedit": dict(_GPTJ, layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, clamp_norm_factor=0.75),
     }, {
         "rome": "kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json @0c06752",
         "memit": "kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json @ef6f4cd",
         "emmet": "scalable-model-editing/unified-model-editing hparams/EMMET/EleutherAI_gpt-j-6B.json @dabbb96",
+        "alphaedit": "jianghoucheng/AlphaEdit hparams/AlphaEdit/EleutherAI_gpt-j-6B.json (threshold as an energy share)",
     }),
     _preset("llama-2-7b", ("llama", 32, 4096), {
         "rome": dict(_LLAMA2, layers=[5], mom2_adjustment=False),
         "memit": dict(_LLAMA2, layers=[4, 5, 6, 7, 8], mom2_update_weight=15000.0),
         "emmet": dict(_LLAMA2, layers=[5], mom2_update_weight=1.0, emmet_lambda=0.1),
+        "encore": dict(_LLAMA2, layers=[4, 5, 6, 7, 8], mom2_update_weight=15000.0, update_norm_lambda=10.0,
+                       mpes_extra_steps=2),
     }, {
         "rome": "zjunlp/EasyEdit hparams/ROME/llama-7b.yaml @08da19c (mom2_adjustment false)",
         "memit": "zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml @3fb01b3",
         "emmet": "scalable-model-editing/unified-model-editing hparams/EMMET/llama2-7b.json @ac0cb39",
+        "encore": "scalable-model-editing/knowledge-editing-regularization hparams/ENCORE (Llama-2-7B: prob_cutoff -3)",
     }),
     # The embedded default. Layers 4-8 and the preservation weights are those with which the
     # reference code was run on this model when lmedit was founded (EMMET lambda 1, ridge 0.1:
@@ -88,7 +98,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "rome": dict(_SMOL, layers=[6]),
         "memit": dict(_SMOL, layers=[4, 5, 6, 7, 8], mom2_update_weight=1500.0),
         "emmet": dict(_SMOL, layers=[4, 5, 6, 7, 8], mom2_update_weight=1.0, emmet_lambda=0.1),
-    }, {"all": "reference-code runs on this model (see the comment above) and results/run_tuning.sh"}),
+        # lifelong methods: MEMIT's tuned lambda and the reference values of mu / alpha, not tuned here yet
+        "encore": dict(_SMOL, layers=[4, 5, 6, 7, 8], mom2_update_weight=1500.0, update_norm_lambda=10.0),
+        "alphaedit": dict(_SMOL, layers=[4, 5, 6, 7, 8]),
+    }, {"all": "reference-code runs on this model (see the comment above) and results/run_tuning.sh; encore and "
+               "alphaedit: MEMIT's lambda with the reference repositories' mu and alpha (untuned)"}),
 )}
 
 
@@ -124,7 +138,8 @@ def preset_hparams(model: nn.Module, method: str, preset: str | None = None) -> 
         raise HyperparameterError(f"unknown preset {name!r}; available: {', '.join(PRESETS)} or 'none'")
     hp = PRESETS[name].hparams.get(get_method(method).name)
     if hp is None:
-        raise HyperparameterError(f"preset {name!r} has no values for method {method!r}")
+        raise HyperparameterError(f"preset {name!r} has no values for method {method!r} (it has "
+                                  f"{', '.join(PRESETS[name].hparams)}); pass preset='none' and the hyperparameters")
     return name, hp
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``lmedit demo | edit | eval | sweep``; a thin layer over the library.
+"""Command line: ``lmedit demo | edit | eval | sweep | ledger show``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
 (``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
@@ -86,7 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="use the first N requests")
     p.add_argument("--save-deltas", default=None, help="write the weight updates to this .safetensors file")
     p.add_argument("--save-model", default=None, help="save the edited model to this directory")
+    p.add_argument("--ledger", default=None, help="edit ledger directory: created, or replayed onto the base model "
+                   "and appended to (the base model plus DIR is the edited model)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = sub.add_parser("ledger", help="inspect an edit ledger")
+    lsub = p.add_subparsers(dest="ledger_command", required=True)
+    q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the base model, for relative norm growth (default: embedded)")
+    q.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="edit the embedded model with a small example file (the README's main job)")
     p.add_argument("--method", default="emmet")
@@ -146,11 +155,22 @@ def _probe(model, tok, requests) -> list[dict[str, Any]]:
     return out
 
 
-def _edit_report(model, tok, requests, method: str, preset: str | None, overrides: dict[str, Any], progress: bool):
+def _editor(model, tok, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
+            ledger: str | None = None):
+    """A new Editor, or (with ``ledger`` naming an existing ledger) one with the ledger replayed."""
     import lmedit
 
+    if ledger and (Path(ledger) / "manifest.json").exists():
+        return lmedit.Editor.load(model, tok, ledger, method, progress=progress, **overrides)
+    return lmedit.Editor(model, tok, method, preset=preset, progress=progress, ledger=ledger,
+                         keep_history=ledger is None, **overrides)
+
+
+def _edit_report(model, tok, requests, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
+                 ledger: str | None = None):
+    editor = _editor(model, tok, method, preset, overrides, progress, ledger)
     pre = _probe(model, tok, requests)
-    result = lmedit.Editor(model, tok, method, preset=preset, progress=progress, **overrides).edit(requests)
+    result = editor.edit(requests)
     post = _probe(model, tok, requests)
     report = {
         "method": result.method, "layers": result.layers,
@@ -200,7 +220,11 @@ def cmd_edit(args) -> int:
     requests = lmedit.load_requests(args.requests, format=args.format, limit=args.n)
     overrides = _overrides(args)
     model, tok = _load(args)
-    result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet)
+    result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
+                                  ledger=args.ledger)
+    if args.ledger:
+        report["ledger"] = {"path": args.ledger, "batches": len(result.editor.ledger.batches),
+                            "requests": result.editor.ledger.n_requests}
     if args.save_deltas:
         result.save_deltas(args.save_deltas)
         report["deltas"] = str(args.save_deltas)
@@ -265,6 +289,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_ledger(args) -> int:
+    import lmedit
+    from lmedit.ledger import Ledger
+
+    ledger = Ledger.open(args.path)
+    model, _ = lmedit.load_model(args.model)
+    adapter = lmedit.get_adapter(model)
+    layers = sorted({l for b in ledger.batches for l in b["layers"]})
+    summary = ledger.summary({l: float(adapter.weight(model, l).detach().float().norm()) for l in layers})
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"ledger {summary['path']}: {summary['batches']} batches, {summary['requests']} requests, "
+          f"methods {', '.join(summary['methods'])}, base model {summary['base_model']}")
+    for l, n in summary["update_norm"].items():
+        rel = summary.get("relative_change", {}).get(l)
+        print(f"  layer {l}: |sum of deltas| {n:.3f}" + (f" ({100 * rel:.1f}% of |W0|)" if rel is not None else ""))
+    return 0
+
+
 def _kind(args) -> str:
     """Which metrics fit the data: zsRE's for zsRE files, CounterFact's otherwise."""
     from lmedit.requests import file_format
@@ -317,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     from lmedit.errors import LmeditError
 
-    handlers = {"edit": cmd_edit, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep}
+    handlers = {"edit": cmd_edit, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -36,7 +36,8 @@ from lmedit.core.stats import second_moments
 from lmedit.core.targets import TargetResult, compute_targets
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
-from lmedit.errors import HyperparameterError, LmeditError
+from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
+from lmedit.ledger import BatchRecord, Ledger
 from lmedit.methods import EditHParams, get_method
 from lmedit.models.adapters import ModelAdapter, get_adapter
 from lmedit.models.loading import fingerprint
@@ -115,13 +116,15 @@ class Editor:
     change single values. ``covariances`` supplies C per layer instead of statistics; ``context``
     supplies the context-template groups (``[["{}"], [...], ...]``). ``keep_history=False`` is for long
     sequential runs: no copy of the original weights is kept, so memory stays flat, and edits
-    cannot be undone. ``progress`` shows progress bars.
+    cannot be undone. ``ledger`` names a new ledger directory (``lmedit.ledger``) that every edit
+    is appended to before it commits; reopen it with :meth:`Editor.load`. ``progress`` shows
+    progress bars.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,
                  preset: str | None = None, covariances: Mapping[int, torch.Tensor] | None = None,
                  context: Sequence[Sequence[str]] | None = None, keep_history: bool = True, progress: bool = False,
-                 **overrides: Any) -> None:
+                 ledger: str | Path | None = None, **overrides: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.adapter = get_adapter(model)
         self.adapter.check(model)
@@ -144,6 +147,10 @@ class Editor:
         self._id = next(_STATE_IDS)  # names this Editor in target provenance (unlike id(), never reused)
         self._state = 0  # id of the weights state as this Editor last saw it (0: as given)
         self._seen = self._param_versions()
+        self._ledger_path = Path(ledger) if ledger is not None else None
+        if self._ledger_path is not None and (self._ledger_path / "manifest.json").exists():
+            raise CacheError(f"{self._ledger_path} holds a ledger already; open it with Editor.load to append to it")
+        self.ledger: Ledger | None = None  # created at the first edit (from the weights as they are then)
 
     # --- what edits are built from ------------------------------------------------------------
     def covariances(self, hp: EditHParams | None = None) -> dict[int, torch.Tensor]:
@@ -217,11 +224,18 @@ class Editor:
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
         groups = self.context(hp)
+        self._check_lengths(reqs, groups)
         if targets is not None:
             self._check_reusable(targets, reqs, groups, hp)
         state_before = self.weights_state()
+        if self._ledger_path is not None and self.ledger is None:
+            self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint, groups)
         with WeightTransaction(self.model, self.adapter) as tx:
             parts, infos, keys, earlier = self._apply(tx, reqs, hp, groups, C, targets, timings)
+            if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
+                self.ledger.append(BatchRecord(self.method, {"preset": self.preset, **hp.to_dict()},
+                                               [r.to_dict() for r in reqs], tx.record.deltas, keys),
+                                   earlier if hp.preserve_edits else self.earlier)
         timings["total_s"] = time.perf_counter() - t_start
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
                             infos, keys, state_before=state_before)
@@ -289,6 +303,20 @@ class Editor:
         with working_copy(self.model, hp.compute_dtype) as work:  # freed before the keys are read
             return run(work)
 
+    def _check_lengths(self, reqs: list[EditRequest], groups: list[list[str]]) -> None:
+        """Refuse, before any work, a request that with its longest context template and its target
+        is longer than the model's context."""
+        cfg = self.model.config
+        n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if not n_ctx:
+            return
+        longest = max(len(self.tokenizer(t.replace("{}", ""))["input_ids"]) for g in groups for t in g)
+        for i, r in enumerate(reqs):
+            n = len(self.tokenizer(r.text + " " + r.target_new)["input_ids"]) + longest
+            if n > n_ctx:
+                raise RequestError(f"request {r.case_id if r.case_id is not None else i}: prompt, target and the longest "
+                                   f"context template take {n} tokens, more than the model's context of {n_ctx}")
+
     def _provenance(self, reqs: Sequence[EditRequest], templates: Sequence[str], hp: EditHParams) -> dict:
         """What target vectors depend on, compared before they are reused."""
         return {"editor": self._id, "weights_state": self.weights_state(), "layer": hp.layers[-1],
@@ -341,6 +369,9 @@ class Editor:
             raise LmeditError(f"this edit cannot be undone: {result.why}")
         if result not in self.history:
             raise LmeditError("this edit is not on this Editor's history")
+        if self.ledger is not None:
+            raise LmeditError(f"this Editor appends to the ledger {self.ledger.path}: undoing an edit would leave the "
+                              "ledger ahead of the weights (reload the base model and the ledger instead)")
         later = len(self.history) - 1 - self.history.index(result)
         if later:
             raise LmeditError(f"undo the {later} later edit(s) first (edits are undone in reverse order)")
@@ -370,6 +401,50 @@ class Editor:
         """torch's in-place write counters of every editable weight (any write bumps them)."""
         n = self.adapter.n_layers(self.model)
         return [self.adapter.edit_module(self.model, l).weight._version for l in range(n)]
+
+    @classmethod
+    def load(cls, model: nn.Module, tokenizer, path: str | Path, method: str | None = None, *,
+             keep_history: bool = False, progress: bool = False, **overrides: Any) -> "Editor":
+        """An Editor of ``model`` (the ledger's base model, freshly loaded) with every batch of the
+        ledger at ``path`` applied bit for bit, its lifelong state restored, and later edits appended.
+
+        The method and hyperparameters default to the last batch's. Everything is checked (base
+        model, format version, every file's checksum) before any weight changes; the replayed
+        batches are not on the new Editor's undo stack.
+        """
+        ledger = Ledger.open(path)
+        if not ledger.batches:
+            raise CacheError(f"ledger {ledger.path} holds no batch yet")
+        last = dict(ledger.batches[-1]["hparams"])
+        preset = last.pop("preset", None)
+        method = method or ledger.batches[-1]["method"]
+        hp = get_method(method).hparams_cls.from_dict(last) if method == ledger.batches[-1]["method"] else None
+        editor = cls(model, tokenizer, method, hparams=hp, preset=None if hp is not None else preset,
+                     keep_history=keep_history, progress=progress, **overrides)
+        ledger.check_base(model, editor.adapter, editor.base_fingerprint)
+        records = [ledger.read_batch(i) for i in range(len(ledger.batches))]  # all checksums before any write
+        earlier = ledger.read_state()
+        editor._replay(records)
+        editor.ledger, editor._ledger_path = ledger, ledger.path
+        editor._context[(editor.hparams.context_templates, editor.hparams.seed)] = ledger.manifest["context"]
+        editor.earlier = earlier
+        editor.n_earlier = sum(b["n_requests"] for b in ledger.batches if b["hparams"].get("preserve_edits"))
+        return editor
+
+    def _replay(self, records: list[BatchRecord]) -> None:
+        """Apply each batch's deltas in its own transaction, as they were applied (bit for bit); on
+        any failure every weight is restored."""
+        layers = sorted({l for r in records for l in r.deltas})
+        originals = {l: self.adapter.edit_module(self.model, l).weight.detach().to("cpu", copy=True) for l in layers}
+        try:
+            for record in records:
+                with WeightTransaction(self.model, self.adapter) as tx:
+                    for layer, delta in sorted(record.deltas.items()):
+                        tx.add(layer, delta)
+        except BaseException:
+            restore(self.model, self.adapter, originals)
+            raise
+        self._state, self._seen = next(_STATE_IDS), self._param_versions()
 
     def apply_deltas(self, path: str | Path, *, allow_other_model: bool = False) -> EditResult:
         """Apply a delta file written by :meth:`EditResult.save_deltas` (refuses another base model)."""

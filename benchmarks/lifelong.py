@@ -1,0 +1,220 @@
+"""Lifelong editing: N sequential edits in batches of B, evaluated every K edits, resumable.
+
+Usage::
+
+    python benchmarks/lifelong.py --methods memit,emmet,encore,alphaedit --n 2000 --batch-size 100 \
+        --eval-every 500 --out results/lifelong2000 [--set encore:update_norm_lambda=10]
+
+Every method edits a fresh copy of the embedded model through an Editor that appends each batch to
+a ledger (``OUT/ledgers/METHOD``, not committed). A run that stops (killed, session over) resumes
+where its ledger ends when the same command is run again: the ledger replays onto the base model
+bit for bit, and batches, evaluation samples and probes are fixed by the data and seeds.
+
+At 0 edits and every K edits: efficacy / paraphrase / neighbourhood scores over the facts edited
+so far (all of them up to --sample-min, else a fixed random share --sample of at least that many),
+the same on the first batch, retention of the known facts the unedited model answers
+(``known_1209.json``), perplexity on held-out Wikipedia paragraphs (after those used for the
+statistics), fluency of greedy continuations, and |W - W0| / |W0| per edited layer. Writes
+OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit._fs import atomic_path
+from lmedit._runtime import configure_threads, release_freed_memory
+from lmedit.cli import parse_value
+from lmedit.core.corpus import load_corpus
+from lmedit.evaluate.retention import RetentionProbe, relative_change
+from lmedit.evaluate.runner import evaluate_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+
+
+def batches_of(requests: list, size: int) -> list[list]:
+    """Consecutive batches of ``size``; a record whose subject is already in the batch with another
+    target moves to the next batch (a batch must not ask two things of one subject)."""
+    out, cur, pending = [], [], list(requests)
+    while pending:
+        keep = []
+        for r in pending:
+            if len(cur) < size and all(r.subject != c.subject for c in cur):
+                cur.append(r)
+            else:
+                keep.append(r)
+            if len(cur) == size:
+                out.append(cur)
+                cur = []
+        pending = keep if len(keep) < len(pending) else []
+    return out + ([cur] if cur else [])
+
+
+def probe_texts(args) -> tuple[list[str], list[str]]:
+    """Held-out paragraphs (after the statistics' 2,000) and fluency prompts (records never edited here)."""
+    paragraphs = load_corpus("wikipedia-excerpt", 2000 + args.heldout)[2000:]
+    flat = json.loads(Path(args.data).read_text())
+    return paragraphs, [r["locality_prompt"] for r in flat[-args.fluency_prompts:]]
+
+
+def load_probe(state: dict, model, tok, args, edited: bool) -> RetentionProbe:
+    """The probe of the unedited model: built now (and its known facts kept in ``state``), or reloaded."""
+    paragraphs, fluency = probe_texts(args)
+    if "known" in state:
+        return RetentionProbe(state["known"]["prompts"], state["known"]["answers"], paragraphs, fluency)
+    if edited:
+        raise SystemExit("the ledger has batches but the results file has no probe: remove both to start again")
+    knowns = json.loads((DATA / "knowns" / "known_1209.json").read_text())
+    probe = RetentionProbe.build(model, tok, [k["prompt"] for k in knowns], [k["attribute"] for k in knowns],
+                                 paragraphs, fluency)
+    state["known"] = {"prompts": probe.known_prompts, "answers": probe.known_answers}
+    return probe
+
+
+def save(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(state, indent=1))
+
+
+def evaluate(model, tok, edited: list, first: list, probe: RetentionProbe, W0: dict, adapter, args) -> dict:
+    t0 = time.perf_counter()
+    row: dict = {"edits": len(edited)}
+    if edited:
+        n = len(edited)
+        k = n if n <= args.sample_min else max(args.sample_min, int(args.sample * n))
+        sample = random.Random(0).sample(edited, k) if k < n else edited
+        every = evaluate_requests(model, tok, sample)
+        row.update({f"all_{m}": every[m] for m in KEYS}, all_sampled=k)
+        firsts = evaluate_requests(model, tok, first)
+        row.update({f"first_{m}": firsts[m] for m in KEYS})
+        row["rel_change"] = relative_change(model, adapter, W0)
+        row["rel_change_max"] = max(row["rel_change"].values())
+        row["finite"] = all(bool(torch.isfinite(adapter.weight(model, l)).all()) for l in W0)
+    row.update(probe.measure(model, tok))
+    row["eval_s"] = time.perf_counter() - t0
+    return row
+
+
+def open_editor(method: str, model, tok, ledger: Path, args, overrides: dict):
+    if (ledger / "manifest.json").exists():
+        return lmedit.Editor.load(model, tok, ledger, method, progress=not args.quiet)
+    return lmedit.Editor(model, tok, method, ledger=ledger, keep_history=False, progress=not args.quiet, **overrides)
+
+
+def base_weights(model, adapter, editor) -> dict:
+    """W0 per edited layer: the weights now, less what the ledger applied."""
+    W0 = {l: adapter.weight(model, l).detach().to("cpu", torch.float64).clone() for l in editor.hparams.layers}
+    for i in range(len(editor.ledger.batches) if editor.ledger else 0):
+        for l, d in editor.ledger.read_batch(i).deltas.items():
+            W0[l] = W0[l] - d.double()
+    return W0
+
+
+def run_method(method: str, args, overrides: dict) -> dict:
+    path = Path(args.out) / f"{method}.json"
+    state = json.loads(path.read_text()) if path.exists() else {"method": method, "rows": [], "edit_s": 0.0,
+                                                                "targets_s": 0.0}
+    model, tok = lmedit.load_model()
+    adapter = lmedit.get_adapter(model)
+    batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
+    editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / method, args, overrides)
+    done = editor.ledger.n_requests if editor.ledger else 0
+    W0 = base_weights(model, adapter, editor)
+    probe = load_probe(state, model, tok, args, edited=done > 0)
+    state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size)
+    if not state["rows"]:
+        state["rows"].append(evaluate(model, tok, [], [], probe, W0, adapter, args))
+        save(path, state)
+    if done and done % args.eval_every == 0 and all(r["edits"] != done for r in state["rows"]):
+        edited = [r for b in batches for r in b][:done]  # killed between a batch and its evaluation
+        state["rows"].append(evaluate(model, tok, edited, batches[0], probe, W0, adapter, args))
+        save(path, state)
+    n_done = 0
+    for i, batch in enumerate(batches):
+        n_done += len(batch)
+        if n_done <= done:
+            continue
+        t0 = time.perf_counter()
+        res = editor.edit(batch)
+        state["edit_s"] += time.perf_counter() - t0
+        state["targets_s"] += res.timings.get("targets_s", 0.0)
+        release_freed_memory()
+        print(f"{method}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if n_done % args.eval_every == 0 or i == len(batches) - 1:
+            edited = [r for b in batches[: i + 1] for r in b]
+            state["rows"].append(evaluate(model, tok, edited, batches[0], probe, W0, adapter, args))
+            print(json.dumps({k: v for k, v in state["rows"][-1].items() if k != "rel_change"}), flush=True)
+        save(path, state)
+    return state
+
+
+def write_tables(out: Path) -> None:
+    states = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
+            "first_neighborhood_score", "known_retention", "perplexity", "fluency", "rel_change_max"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for s in states:
+        for r in s["rows"]:
+            lines.append(f"| {s['method']} | " + " | ".join(
+                (f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, key in zip(axes.flat, cols[1:] + ["all_sampled"]):
+        for s in states:
+            pts = [(r["edits"], r[key]) for r in s["rows"] if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["method"])
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lifelong.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="memit,emmet,encore,alphaedit")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_train_10000.json"))
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--sample", type=float, default=0.2, help="share of the edited facts evaluated (fixed sample)")
+    ap.add_argument("--sample-min", type=int, default=500, help="evaluate all edited facts up to this many")
+    ap.add_argument("--heldout", type=int, default=64, help="held-out Wikipedia paragraphs for perplexity")
+    ap.add_argument("--fluency-prompts", type=int, default=64)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--out", default="results/lifelong")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    configure_threads()
+    overrides: dict[str, dict] = {}
+    for item in args.sets:
+        method, kv = item.split(":", 1)
+        key, value = kv.split("=", 1)
+        overrides.setdefault(method, {})[key] = parse_value(value)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        run_method(method, args, overrides.get(method, {}))
+        write_tables(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Retention metrics for long runs of edits: what the model still knows, and how much it changed.
+
+Example::
+
+    probe = RetentionProbe.build(model, tok, known_facts, heldout_texts, fluency_prompts)
+    probe.measure(model, tok)   # {"known_retention": 100.0, "perplexity": 18.3, "fluency": 4.7}
+
+Beside CounterFact's metrics over the edited facts (``lmedit.evaluate.runner.evaluate_requests``):
+
+* known-fact retention: of the facts the unedited model answers correctly (every token of the
+  answer is the teacher-forced argmax, e.g. ROME's ``known_1209.json``), the share it still does;
+* perplexity on held-out texts (not used for the statistics): exp of the mean token NLL;
+* fluency: n-gram entropy (bits) of greedy continuations (``lmedit.evaluate.generation``);
+* per-layer relative change of the edited weights, |W - W0| / |W0|.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmedit.core.tokens import pad, pad_id, token_chunks
+from lmedit.evaluate.generation import generation_entropy
+from lmedit.evaluate.scoring import generate_texts, score_continuations
+from lmedit.models.adapters import ModelAdapter, get_adapter
+from lmedit.models.precision import model_device
+
+
+def answered(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Per fact: every token of `` answer`` is the argmax after ``prompt`` (teacher forced)."""
+    return [bool(ok.all()) for _, ok in score_continuations(model, tokenizer, prompts, answers)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 256,
+               max_tokens: int = 4096) -> float:
+    """exp(mean NLL) over every predicted token of ``texts`` (each truncated to ``max_length`` tokens)."""
+    adapter = get_adapter(model)
+    decoder, head = adapter.decoder(model), adapter.unembed_module(model)
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    device = model_device(model)
+    nll, count = 0.0, 0
+    for group in token_chunks([len(x) for x in enc], max_tokens):
+        ids, mask = pad([enc[i] for i in group], pad_id(tokenizer), side="right")
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (n, T, d)
+        keep = mask[:, 1:].bool()  # positions that predict a real next token
+        logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), -1)  # (M, V)
+        nll -= float(logp.gather(1, ids[:, 1:][keep][:, None]).sum())
+        count += int(keep.sum())
+    return math.exp(nll / max(count, 1))
+
+
+def relative_change(model: nn.Module, adapter: ModelAdapter, base: dict[int, torch.Tensor]) -> dict[int, float]:
+    """|W_l - W0_l| / |W0_l| per layer, for the base weights ``base`` ({layer: W0 (d_out, d_in)})."""
+    out = {}
+    for layer, W0 in base.items():
+        W = adapter.weight(model, layer).detach().to("cpu", torch.float64)
+        out[layer] = float((W - W0.double()).norm() / W0.double().norm())
+    return out
+
+
+@dataclass
+class RetentionProbe:
+    """Fixed probes measured on the unedited model once, then after every so many edits."""
+
+    known_prompts: list[str]  # facts the unedited model answers correctly
+    known_answers: list[str]
+    heldout: list[str]  # texts for perplexity
+    fluency_prompts: list[str]
+    fluency_tokens: int = 50
+
+    @classmethod
+    def build(cls, model: nn.Module, tokenizer, known_prompts: Sequence[str], known_answers: Sequence[str],
+              heldout: Sequence[str], fluency_prompts: Sequence[str], fluency_tokens: int = 50) -> "RetentionProbe":
+        """Keep the known facts the model answers correctly now."""
+        ok = answered(model, tokenizer, known_prompts, known_answers)
+        return cls([p for p, o in zip(known_prompts, ok) if o], [a for a, o in zip(known_answers, ok) if o],
+                   list(heldout), list(fluency_prompts), fluency_tokens)
+
+    def measure(self, model: nn.Module, tokenizer) -> dict[str, float]:
+        ok = answered(model, tokenizer, self.known_prompts, self.known_answers) if self.known_prompts else []
+        texts = generate_texts(model, tokenizer, self.fluency_prompts, max_new_tokens=self.fluency_tokens)
+        return {"known_retention": 100.0 * sum(ok) / max(len(ok), 1), "known_facts": len(ok),
+                "perplexity": perplexity(model, tokenizer, self.heldout), "fluency": generation_entropy(texts)}

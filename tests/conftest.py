@@ -1,11 +1,12 @@
 """Shared fixtures: the embedded tokenizer, tiny random models of every supported family, and
-random SPD covariances (so no test needs a corpus).
+random SPD covariances (so no test needs a corpus). Plain helper functions are in ``helpers.py``.
 
 Example::
 
-    def test_something(tiny_model):
-        model, tok = tiny_model          # parametrized over TINY_TYPES
-        C = spd_covariances(model, [1, 2])
+    def test_something(tiny_model, covariances, fresh):
+        model, tok = tiny_model          # parametrized over helpers.ARCHS
+        C = covariances(model, [1, 2])
+        twin = fresh("llama", seed=1)    # a deep copy of a tiny llama built once per module
 
 Tiny models are built from a config (no download), seeded, float32, in eval mode, with 4 blocks,
 hidden size 64 and the tokenizer's vocabulary (49152), so the real tokenizer drives them.
@@ -14,24 +15,32 @@ hidden size 64 and the tokenizer's vocabulary (49152), so the real tokenizer dri
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-# One torch thread per available core, as the CLI does; LMEDIT_TEST_THREADS=1 when another torch
-# process shares the machine (oversubscribed OpenMP workers made a 10 s file take minutes).
-if os.environ.get("LMEDIT_TEST_THREADS"):
-    torch.set_num_threads(int(os.environ["LMEDIT_TEST_THREADS"]))
-else:
-    from lmedit._runtime import configure_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from helpers import ...` in every test module
 
-    configure_threads()
+from helpers import ARCHS, Pristine, spd_covariances  # noqa: E402
+
+
+def pytest_configure(config):
+    """One torch thread per available core, as the CLI does; LMEDIT_TEST_THREADS=1 when another
+    torch process shares the machine (oversubscribed OpenMP workers made a 10 s file take minutes)."""
+    if os.environ.get("LMEDIT_TEST_THREADS"):
+        torch.set_num_threads(int(os.environ["LMEDIT_TEST_THREADS"]))
+    else:
+        from lmedit._runtime import configure_threads
+
+        configure_threads()
+
 
 VOCAB = 49152  # SmolLM2's vocabulary, shared by every tiny model
 N_LAYERS = 4
 HIDDEN = 64
-TINY_TYPES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 
 
 def _config(model_type: str, tok_ids: dict[str, int], init_std: float):
@@ -53,7 +62,7 @@ def _config(model_type: str, tok_ids: dict[str, int], init_std: float):
         return tf.MistralConfig(sliding_window=None, **llama_like)
     if model_type == "qwen2":
         return tf.Qwen2Config(use_sliding_window=False, **llama_like)
-    raise ValueError(f"no tiny config for model type {model_type!r}; known: {TINY_TYPES}")
+    raise ValueError(f"no tiny config for model type {model_type!r}; known: {ARCHS}")
 
 
 INIT_STD = 0.1  # weight init std. HF's 0.02 gives near-uniform next-token distributions that no edit
@@ -74,7 +83,7 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
         ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                    bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
     config = _config(model_type, ids, init_std)
-    torch.manual_seed(1000 * seed + TINY_TYPES.index(model_type))  # llama and mistral differ too
+    torch.manual_seed(1000 * seed + ARCHS.index(model_type))  # llama and mistral differ too
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if hasattr(model, "generation_config"):
         for k, v in ids.items():
@@ -106,30 +115,20 @@ def make_tiny(tokenizer) -> Callable[..., torch.nn.Module]:
     return make
 
 
-@pytest.fixture(params=TINY_TYPES)
+@pytest.fixture(params=ARCHS)
 def tiny_model(request, make_tiny, tokenizer):
     """(model, tokenizer) for each tiny architecture."""
     return make_tiny(request.param), tokenizer
-
-
-def random_spd(d: int, seed: int = 0, n: int | None = None, eps: float = 1e-3,
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """C = X^T X / n + eps I with X (n, d) Gaussian: symmetric positive definite, (d, d)."""
-    g = torch.Generator().manual_seed(seed)
-    n = n or 4 * d
-    X = torch.randn(n, d, generator=g, dtype=dtype)
-    return X.T @ X / n + eps * torch.eye(d, dtype=dtype)
-
-
-def spd_covariances(model, layers: Sequence[int], seed: int = 0) -> dict[int, torch.Tensor]:
-    """{layer: C (d_in, d_in)} random SPD matrices sized for the model's edited projections."""
-    from lmedit.models.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    return {l: random_spd(adapter.weight(model, l).shape[1], seed=seed + l) for l in layers}
 
 
 @pytest.fixture
 def covariances() -> Callable[..., dict[int, torch.Tensor]]:
     """Factory: ``covariances(model, [1, 2])`` -> {layer: random SPD (d_in, d_in)} float64."""
     return spd_covariances
+
+
+@pytest.fixture(scope="module")
+def fresh(make_tiny) -> Pristine:
+    """Factory: ``fresh("llama", seed=0, dtype=torch.float32)`` -> a deep copy of a tiny model that
+    is built once per test module (tests edit their copies freely)."""
+    return Pristine(make_tiny)

@@ -21,21 +21,17 @@ from lmedit.cli import main
 from lmedit.hooks import count_hooks
 from lmedit.models import fingerprint
 
+from helpers import changed, snapshot, spd_covariances
+
 LAYERS = [1, 2]
 FAST = dict(v_num_grad_steps=2, context_templates=[[5, 1]])  # a quick target optimisation
 GOOD = {"prompt": "The capital of {} is", "subject": "Xanadu", "target_new": "Paris", "target_true": "Rome"}
 REQ = EditRequest(**GOOD)
 
 
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_untouched(model, snapshot) -> None:
-    sd = model.state_dict()
-    assert set(sd) == set(snapshot)
-    changed = [k for k, v in sd.items() if not torch.equal(v, snapshot[k])]
-    assert changed == [], f"weights changed by a failing call: {changed}"
+def _assert_untouched(model, before) -> None:
+    diff = changed(model, before)
+    assert not diff, f"weights changed by a failing call: {sorted(diff)}"
     assert lmedit.history(model) == []
     assert count_hooks(model) == 0
 
@@ -43,10 +39,8 @@ def _assert_untouched(model, snapshot) -> None:
 @pytest.fixture(scope="module")
 def tiny(make_tiny, tokenizer):
     """(model, tokenizer, snapshot of the state dict, {layer: SPD C}) for a tiny llama."""
-    from conftest import spd_covariances
-
     model = make_tiny("llama", seed=5)
-    return model, tokenizer, _state(model), spd_covariances(model, LAYERS)
+    return model, tokenizer, snapshot(model), spd_covariances(model, LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +132,7 @@ EDIT_CASES = [
 
 @pytest.mark.parametrize("reqs,method,overrides,exc,text", [c[1:] for c in EDIT_CASES], ids=[c[0] for c in EDIT_CASES])
 def test_edit_rejects(tiny, reqs, method, overrides, exc, text):
-    model, tok, snapshot, C = tiny
+    model, tok, before, C = tiny
     overrides = dict(overrides)
     cov = _cov(C, **overrides.pop("C", {}))
     kw = {"layers": LAYERS, **FAST, **overrides}
@@ -146,38 +140,38 @@ def test_edit_rejects(tiny, reqs, method, overrides, exc, text):
         lmedit.edit(model, tok, reqs, method=method, covariances=cov, **kw)
     assert text in str(err.value)
     assert isinstance(err.value, lmedit.LmeditError)
-    _assert_untouched(model, snapshot)
+    _assert_untouched(model, before)
 
 
 def test_singular_covariance_rolls_back_the_layer_already_written(tiny, monkeypatch):
     """EMMET writes layer 1, then layer 2's zero C fails: the transaction must restore layer 1."""
     from lmedit.core.weights import WeightTransaction
 
-    model, tok, snapshot, C = tiny
+    model, tok, before, C = tiny
     written = []
     real_add = WeightTransaction.add
     monkeypatch.setattr(WeightTransaction, "add", lambda self, l, d: written.append(l) or real_add(self, l, d))
     with pytest.raises(SolveError, match=r"lambda \* C \(\+ mu I\) is not positive definite"):
         lmedit.edit(model, tok, [REQ], method="emmet", covariances=_cov(C, l2="zeros"), layers=LAYERS, **FAST)
     assert written == [1]
-    _assert_untouched(model, snapshot)
+    _assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("how", ["config", "bloom"])
 def test_edit_unknown_architecture(tiny, dirs, monkeypatch, how):
-    model, tok, snapshot, C = tiny
+    model, tok, before, C = tiny
     if how == "config":
         monkeypatch.setattr(model.config, "model_type", "frobnet")
         target, name = model, "frobnet"
     else:
         target, _ = lmedit.load_model(str(dirs / "bloom"))
-        name, snapshot = "bloom", _state(target)
+        name, before = "bloom", snapshot(target)
     with pytest.raises(UnsupportedArchitectureError) as err:
         lmedit.edit(target, tok, [REQ], method="emmet", layers=LAYERS, covariances=C, **FAST)
     msg = str(err.value)
     assert f"unknown architecture {name!r}" in msg and "register_adapter" in msg and "llama" in msg
     monkeypatch.undo()
-    _assert_untouched(target, snapshot)
+    _assert_untouched(target, before)
 
 
 # --- lmedit.load_requests -------------------------------------------------------------------------
@@ -276,22 +270,22 @@ DELTA_CASES = [
 
 @pytest.mark.parametrize("make,text", [c[1:] for c in DELTA_CASES], ids=[c[0] for c in DELTA_CASES])
 def test_apply_deltas_rejects(tiny, dirs, tmp_path, make, text):
-    model, _, snapshot, _ = tiny
+    model, _, before, _ = tiny
     with pytest.raises(CacheError) as err:
         lmedit.apply_deltas(model, make(dirs, model, tmp_path))
     assert text in str(err.value)
-    _assert_untouched(model, snapshot)
+    _assert_untouched(model, before)
 
 
 def test_apply_deltas_nan_update_changes_nothing(tiny, tmp_path):
     """Layer 1 is fine, layer 2 holds a NaN: layer 1 must not stay applied."""
-    model, _, snapshot, _ = tiny
+    model, _, before, _ = tiny
     bad = torch.zeros(64, 128)
     bad[3, 5] = float("nan")
     path = _crafted(tmp_path / "nan.safetensors", model, {"layer.1": torch.ones(64, 128), "layer.2": bad})
     with pytest.raises(SolveError, match="layer 2: the update contains NaN"):
         lmedit.apply_deltas(model, path)
-    _assert_untouched(model, snapshot)
+    _assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("where,text", [("absent", "could not load model"), ("bad_config", "could not load model")])
@@ -371,7 +365,7 @@ def test_cli_rejects(dirs, tiny, tmp_path, monkeypatch, capsys, argv, text):
     assert len(lines) == 1 and lines[0].startswith("lmedit: error: "), err
     assert text in lines[0]
     assert not (tmp_path / "sw").exists()  # a rejected sweep wrote nothing
-    _, _, snapshot, _ = tiny
+    _, _, before, _ = tiny
     for model, _ in loaded:  # whatever the CLI loaded and then refused to edit is unchanged
         if model.config.model_type == "llama":
-            _assert_untouched(model, snapshot)
+            _assert_untouched(model, before)

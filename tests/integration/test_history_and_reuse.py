@@ -11,17 +11,12 @@ from lmedit.core import targets as targets_mod
 from lmedit.core.weights import weights_version
 from lmedit.errors import HyperparameterError, LmeditError
 
-from test_methods_battery import OTHER, REQUESTS, assert_same, changed, edit_kwargs, edited_names, fresh, snapshot
+from helpers import OTHER, REQUESTS, assert_same, changed, edit_kwargs, edited_names, snapshot
 
 
-@pytest.fixture(scope="module")
-def pristine():
-    return {}
-
-
-def test_keep_history_false_gives_the_same_weights_and_keeps_no_copies(make_tiny, tokenizer, covariances, pristine, tmp_path):
-    a = fresh(make_tiny, "llama", pristine)
-    b = fresh(make_tiny, "llama", pristine)
+def test_keep_history_false_gives_the_same_weights_and_keeps_no_copies(fresh, tokenizer, covariances, tmp_path):
+    a = fresh("llama")
+    b = fresh("llama")
     C = covariances(a, [1, 2])
     before = snapshot(a)
     ra = lmedit.edit(a, tokenizer, REQUESTS, method="emmet", covariances=C, **edit_kwargs("emmet"))
@@ -33,7 +28,7 @@ def test_keep_history_false_gives_the_same_weights_and_keeps_no_copies(make_tiny
     with pytest.raises(LmeditError, match="keep_history=False"):
         rb.undo()
     # the deltas are still there to save, and re-apply bit-exactly onto an unedited model
-    twin = fresh(make_tiny, "llama", pristine)
+    twin = fresh("llama")
     lmedit.apply_deltas(twin, rb.save_deltas(tmp_path / "d.safetensors"))
     assert changed(twin, snapshot(b)) == set()
     # the ordinary edit still undoes exactly
@@ -41,8 +36,8 @@ def test_keep_history_false_gives_the_same_weights_and_keeps_no_copies(make_tiny
     assert_same(a, before)
 
 
-def test_history_less_edit_seals_the_edits_beneath_it(make_tiny, tokenizer, covariances, pristine, caplog):
-    m = fresh(make_tiny, "llama", pristine)
+def test_history_less_edit_seals_the_edits_beneath_it(fresh, tokenizer, covariances, caplog):
+    m = fresh("llama")
     C = covariances(m, [1, 2])
     first = lmedit.edit(m, tokenizer, REQUESTS, method="memit", covariances=C, **edit_kwargs("memit"))
     after_first = snapshot(m)
@@ -55,8 +50,8 @@ def test_history_less_edit_seals_the_edits_beneath_it(make_tiny, tokenizer, cova
     assert changed(m, after_first) == edited_names(m, "memit")  # nothing was restored by the refused undo
 
 
-def test_weights_version_returns_after_exact_undo(make_tiny, tokenizer, covariances, pristine):
-    m = fresh(make_tiny, "llama", pristine)
+def test_weights_version_returns_after_exact_undo(fresh, tokenizer, covariances):
+    m = fresh("llama")
     C = covariances(m, [1, 2])
     v0 = weights_version(m)
     r1 = lmedit.edit(m, tokenizer, REQUESTS, method="emmet", covariances=C, **edit_kwargs("emmet"))
@@ -69,9 +64,9 @@ def test_weights_version_returns_after_exact_undo(make_tiny, tokenizer, covarian
     assert weights_version(m) == v0
 
 
-def test_reused_targets_give_the_edit_of_fresh_targets(make_tiny, tokenizer, covariances, pristine, monkeypatch):
-    m = fresh(make_tiny, "llama", pristine)
-    twin = fresh(make_tiny, "llama", pristine)
+def test_reused_targets_give_the_edit_of_fresh_targets(fresh, tokenizer, covariances, monkeypatch):
+    m = fresh("llama")
+    twin = fresh("llama")
     C = covariances(m, [1, 2])
     kw = edit_kwargs("memit")
     res = lmedit.edit(m, tokenizer, REQUESTS, method="memit", covariances=C, **kw)
@@ -86,9 +81,17 @@ def test_reused_targets_give_the_edit_of_fresh_targets(make_tiny, tokenizer, cov
     torch.testing.assert_close(reused.targets.targets, direct.targets.targets)
     for l in reused.layers:
         torch.testing.assert_close(reused.deltas[l], direct.deltas[l], rtol=1e-5, atol=1e-6)
-    # the same targets also serve EMMET (same target layer and settings)
+    # the same targets also serve EMMET (same target layer and settings): the edit equals an EMMET
+    # edit that optimised its own targets
     reused.undo()
-    lmedit.edit(m, tokenizer, REQUESTS, method="emmet", covariances=C, targets=res.targets, **edit_kwargs("emmet"))
+    direct.undo()
+    emmet_reused = lmedit.edit(m, tokenizer, REQUESTS, method="emmet", covariances=C, targets=res.targets,
+                               **edit_kwargs("emmet"))
+    emmet_direct = lmedit.edit(twin, tokenizer, REQUESTS, method="emmet", covariances=C, **edit_kwargs("emmet"))
+    assert emmet_reused.layers == emmet_direct.layers == [1, 2]
+    for l in emmet_reused.layers:
+        assert float(emmet_reused.deltas[l].norm()) > 0
+        torch.testing.assert_close(emmet_reused.deltas[l], emmet_direct.deltas[l], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -100,8 +103,8 @@ def test_reused_targets_give_the_edit_of_fresh_targets(make_tiny, tokenizer, cov
     ("rome", "sequential method"),
     ("not_targets", "earlier EditResult"),
 ])
-def test_reused_targets_are_refused_when_they_do_not_fit(case, match, make_tiny, tokenizer, covariances, pristine):
-    m = fresh(make_tiny, "llama", pristine)
+def test_reused_targets_are_refused_when_they_do_not_fit(case, match, fresh, tokenizer, covariances):
+    m = fresh("llama")
     C = covariances(m, [1, 2, 3])
     kw = edit_kwargs("memit")
     res = lmedit.edit(m, tokenizer, REQUESTS, method="memit", covariances=C, **kw)
@@ -116,7 +119,7 @@ def test_reused_targets_are_refused_when_they_do_not_fit(case, match, make_tiny,
     elif case == "other_layer":
         kw = dict(kw, layers=[1, 3])
     elif case == "other_model":
-        model = fresh(make_tiny, "llama", pristine)
+        model = fresh("llama")
     elif case == "rome":
         method, kw = "rome", edit_kwargs("rome")
     elif case == "not_targets":

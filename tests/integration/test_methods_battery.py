@@ -11,8 +11,8 @@ random attention layers is too weak to show an edit reliably.
 
 from __future__ import annotations
 
-import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,133 +22,90 @@ from lmedit.core import solvers
 from lmedit.errors import CacheError, LmeditError, SolveError
 from lmedit.hooks import count_hooks
 
-METHODS = ("rome", "memit", "emmet")
-ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
-REQUESTS = [
-    lmedit.EditRequest("The capital city of the country is {}", "Xanadu", "Paris", "Rome"),
-    lmedit.EditRequest("The sport played best by {}", "Lionel Messi", "piano", "football"),
-]
-OTHER = [lmedit.EditRequest("The most famous painter is {}", "Leonardo", "Berlin", "Vinci")]
+from helpers import (
+    ARCHS, METHODS, OTHER, REQUESTS, assert_same, changed, edit_kwargs, edited_names, layers_for, rose, snapshot,
+    spd_covariances, target_logprob,
+)
 
 
-def layers_for(method: str) -> list[int]:
-    return [2] if method == "rome" else [1, 2]
+# --- the battery: one edit per (method, arch), one test per property -------------------------------
 
-
-def edit_kwargs(method: str) -> dict:
-    """A strong edit for a random model: 12 Adam steps, ||delta|| up to 4 ||init||, small lambda for MEMIT."""
-    kw = dict(layers=layers_for(method), v_num_grad_steps=12, v_lr=0.5, clamp_norm_factor=4.0,
-              context_templates=[[5, 2]])
-    if method == "memit":
-        kw["mom2_update_weight"] = 1.0  # MEMIT's GPT-J lambda (15000) barely moves a random model
-    return kw
-
-
-@pytest.fixture(scope="module")
-def pristine(tokenizer):
-    """Built models by (arch, seed, dtype), filled on first use; tests edit deep copies."""
-    return {}
-
-
-def fresh(make_tiny, arch: str, cache: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
-    key = (arch, seed, dtype)
-    if key not in cache:
-        cache[key] = make_tiny(arch, seed=seed, dtype=dtype)
-    return copy.deepcopy(cache[key])
-
-
-def target_logprob(model, tok, req: lmedit.EditRequest) -> float:
-    """log P(target_new tokens | prompt) from one plain forward pass."""
-    prompt = tok(req.text)["input_ids"]
-    full = tok(req.text + " " + req.target_new)["input_ids"]
-    assert full[: len(prompt)] == prompt
-    target = torch.tensor(full[len(prompt):])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
-    cols = torch.arange(len(prompt) - 1, len(full) - 1)
-    return float(lp[cols, target].sum())
-
-
-def rose(before: float, after: float) -> bool:
-    """A substantial rise of log P(target): 100x, or to above 0.5 (when it started above 0.005)."""
-    return after > before + 1.0 and (after > before + math.log(100) or after > math.log(0.5))
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def changed(model, before: dict[str, torch.Tensor]) -> set[str]:
-    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-
-
-def assert_same(model, before: dict[str, torch.Tensor]) -> None:
-    diff = changed(model, before)
-    assert not diff, f"parameters changed: {sorted(diff)}"
-
-
-def edited_names(model, method: str) -> set[str]:
-    adapter = lmedit.get_adapter(model)
-    return {adapter.edit_param_name(l) for l in layers_for(method)}
-
-
-# --- the battery -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", METHODS)
-def test_edit_undo_and_deltas(method, arch, make_tiny, tokenizer, covariances, pristine, tmp_path):
-    model = fresh(make_tiny, arch, pristine)
-    C = covariances(model, layers_for(method))
+@pytest.fixture(scope="module", params=[(m, a) for m in METHODS for a in ARCHS], ids=lambda p: f"{p[0]}-{p[1]}")
+def edited(request, fresh, tokenizer, tmp_path_factory):
+    """One edit per (method, arch) for the property tests below, with what they need recorded at
+    edit time (so the tests do not depend on one another's order; only the undo test changes the
+    model, and no other test reads its live weights)."""
+    method, arch = request.param
+    model = fresh(arch)
     before = snapshot(model)
     lp0 = [target_logprob(model, tokenizer, r) for r in REQUESTS]
-
-    res = lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=C, **edit_kwargs(method))
-
-    assert count_hooks(model) == 0
-    assert res.method == method and res.layers == layers_for(method)
-    assert lmedit.history(model) == [res]
-    # the target probability rises: by 100x or to > 0.5 for each request, to > 0.3 on average
+    res = lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=spd_covariances(model, layers_for(method)),
+                      **edit_kwargs(method))
+    hooks_after_edit = count_hooks(model)
     lp1 = [target_logprob(model, tokenizer, r) for r in REQUESTS]
-    for r, a, b in zip(REQUESTS, lp0, lp1):
-        assert rose(a, b), f"{r.subject}: log P(target) {a:.2f} -> {b:.2f}"
-    assert sum(math.exp(b) for b in lp1) / len(lp1) > 0.3, lp1
-    # ... and the optimised targets were reached by the target optimisation itself
-    assert (res.targets.target_prob > 0.5).all(), res.targets.target_prob
+    path = res.save_deltas(tmp_path_factory.mktemp(f"{method}-{arch}") / "edit.safetensors")
+    return SimpleNamespace(method=method, arch=arch, model=model, tok=tokenizer, res=res, before=before,
+                           edited=snapshot(model), history=list(lmedit.history(model)), hooks=hooks_after_edit,
+                           lp0=lp0, lp1=lp1, path=path)
 
-    # only the edited projections changed, and by the recorded deltas
-    assert changed(model, before) == edited_names(model, method)
+
+def test_target_probability_rises(edited):
+    # by 100x or to > 0.5 for each request, to > 0.3 on average
+    for r, a, b in zip(REQUESTS, edited.lp0, edited.lp1):
+        assert rose(a, b), f"{r.subject}: log P(target) {a:.2f} -> {b:.2f}"
+    assert sum(math.exp(b) for b in edited.lp1) / len(edited.lp1) > 0.3, edited.lp1
+    # ... and the optimised targets were reached by the target optimisation itself
+    assert (edited.res.targets.target_prob > 0.5).all(), edited.res.targets.target_prob
+
+
+def test_only_the_edited_weights_change_by_the_recorded_deltas(edited):
+    res, model = edited.res, edited.model
+    assert res.method == edited.method and res.layers == layers_for(edited.method)
+    assert edited.history == [res]
+    assert {k for k, v in edited.edited.items() if not torch.equal(v, edited.before[k])} == \
+        edited_names(model, edited.method)
     adapter = lmedit.get_adapter(model)
     for l in res.layers:
-        stored = before[adapter.edit_param_name(l)]
-        W0 = stored if adapter.layout == "out_in" else stored.T  # (d_out, d_in)
-        dW = adapter.weight(model, l).detach() - W0
+        name = adapter.edit_param_name(l)
+        W0, W1 = edited.before[name], edited.edited[name]
+        if adapter.layout != "out_in":
+            W0, W1 = W0.T, W1.T  # (d_out, d_in)
+        dW = W1 - W0
         assert float(dW.norm()) > 0
         torch.testing.assert_close(dW, res.deltas[l], rtol=1e-4, atol=1e-5)
-    edited = snapshot(model)
 
-    # deltas round-trip through a file onto an identical fresh model, bit-exactly
-    path = res.save_deltas(tmp_path / "edit.safetensors")
-    twin = fresh(make_tiny, arch, pristine)
-    applied = lmedit.apply_deltas(twin, path)
-    assert applied.layers == res.layers and applied.method == method
+
+def test_no_hook_is_left(edited):
+    assert edited.hooks == 0
+
+
+def test_deltas_round_trip_bit_exactly(edited, fresh):
+    """The delta file applied onto an identical fresh model gives the edited weights bit for bit."""
+    twin = fresh(edited.arch)
+    applied = lmedit.apply_deltas(twin, edited.path)
+    assert applied.layers == edited.res.layers and applied.method == edited.method
     assert [r.to_dict() for r in applied.requests] == [r.to_dict() for r in REQUESTS]
-    for name in edited_names(model, method):
-        assert torch.equal(twin.state_dict()[name], edited[name]), f"{name} differs after apply_deltas"
-    assert changed(twin, edited) == set()
+    for name in edited_names(twin, edited.method):
+        assert torch.equal(twin.state_dict()[name], edited.edited[name]), f"{name} differs after apply_deltas"
+    assert changed(twin, edited.edited) == set()
     applied.undo()
-    assert_same(twin, before)
-    # ... and refuse a model with other weights
-    other = fresh(make_tiny, arch, pristine, seed=1)
+    assert_same(twin, edited.before)
+
+
+def test_deltas_refuse_another_model(edited, fresh):
+    other = fresh(edited.arch, seed=1)
     other_before = snapshot(other)
     with pytest.raises(CacheError, match="refusing"):
-        lmedit.apply_deltas(other, path)
+        lmedit.apply_deltas(other, edited.path)
     assert_same(other, other_before)
 
-    # undo restores every parameter bit-exactly
+
+def test_undo_is_bit_exact(edited):
+    model, res = edited.model, edited.res
     res.undo()
-    assert_same(model, before)
+    assert_same(model, edited.before)
     assert lmedit.history(model) == []
-    assert [target_logprob(model, tokenizer, r) for r in REQUESTS] == lp0
+    assert [target_logprob(model, edited.tok, r) for r in REQUESTS] == edited.lp0
     with pytest.raises(LmeditError, match="already undone"):
         res.undo()
     assert count_hooks(model) == 0
@@ -170,9 +127,9 @@ class _FailOnCall:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("exc", [SolveError("injected"), KeyboardInterrupt()], ids=["SolveError", "KeyboardInterrupt"])
-def test_failure_half_way_changes_nothing(method, arch, exc, make_tiny, tokenizer, covariances, pristine, monkeypatch):
+def test_failure_half_way_changes_nothing(method, arch, exc, fresh, tokenizer, covariances, monkeypatch):
     """The 2nd solve fails (2nd layer for MEMIT/EMMET, 2nd request for ROME) after the 1st was written."""
-    model = fresh(make_tiny, arch, pristine)
+    model = fresh(arch)
     C = covariances(model, layers_for(method))
     before = snapshot(model)
     name = "memit" if method == "memit" else "emmet"  # ROME is EMMET with one key
@@ -188,12 +145,12 @@ def test_failure_half_way_changes_nothing(method, arch, exc, make_tiny, tokenize
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_interrupt_inside_a_traced_forward_pass_changes_nothing(arch, make_tiny, tokenizer, covariances, pristine,
+def test_interrupt_inside_a_traced_forward_pass_changes_nothing(arch, fresh, tokenizer, covariances,
                                                                  monkeypatch):
     """KeyboardInterrupt raised by the model while lmedit's hooks are on it, after layer 1 was written."""
     import lmedit.core.distribute as distribute
 
-    model = fresh(make_tiny, arch, pristine)
+    model = fresh(arch)
     C = covariances(model, [1, 2])
     before = snapshot(model)
     real = distribute.collect_keys
@@ -224,9 +181,9 @@ def test_interrupt_inside_a_traced_forward_pass_changes_nothing(arch, make_tiny,
 
 
 @pytest.mark.parametrize("method", ["emmet", "memit"])
-def test_singular_covariance_on_the_second_layer_changes_nothing(method, make_tiny, tokenizer, covariances, pristine):
+def test_singular_covariance_on_the_second_layer_changes_nothing(method, fresh, tokenizer, covariances):
     """A real (not injected) failure: C = 0 at layer 2 makes the layer-2 system singular."""
-    model = fresh(make_tiny, "llama", pristine)
+    model = fresh("llama")
     C = covariances(model, [1, 2])
     C[2] = torch.zeros_like(C[2])
     before = snapshot(model)
@@ -238,8 +195,8 @@ def test_singular_covariance_on_the_second_layer_changes_nothing(method, make_ti
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", METHODS)
-def test_edits_undo_in_reverse_order_only(method, arch, make_tiny, tokenizer, covariances, pristine):
-    model = fresh(make_tiny, arch, pristine)
+def test_edits_undo_in_reverse_order_only(method, arch, fresh, tokenizer, covariances):
+    model = fresh(arch)
     C = covariances(model, layers_for(method))
     before = snapshot(model)
     kw = edit_kwargs(method) | dict(v_num_grad_steps=4)
@@ -259,8 +216,8 @@ def test_edits_undo_in_reverse_order_only(method, arch, make_tiny, tokenizer, co
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_emmet_in_each_dtype(dtype, make_tiny, tokenizer, covariances, pristine, tmp_path):
-    model = fresh(make_tiny, "llama", pristine, dtype=dtype)
+def test_emmet_in_each_dtype(dtype, fresh, tokenizer, covariances, tmp_path):
+    model = fresh("llama", dtype=dtype)
     assert next(model.parameters()).dtype == dtype
     C = covariances(model, [1, 2])
     before = snapshot(model)
@@ -277,6 +234,6 @@ def test_emmet_in_each_dtype(dtype, make_tiny, tokenizer, covariances, pristine,
     edited = snapshot(model)
     res.undo()
     assert_same(model, before)
-    twin = fresh(make_tiny, "llama", pristine, dtype=dtype)
+    twin = fresh("llama", dtype=dtype)
     lmedit.apply_deltas(twin, path)
     assert_same(twin, edited)

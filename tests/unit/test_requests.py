@@ -11,13 +11,11 @@ import pytest
 from lmedit.errors import RequestError
 from lmedit.requests import FORMATS, EditRequest, load_requests, requests_from_dicts, validate_batch
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-CF_500 = DATA / "counterfact" / "counterfact_500.json"
-CF_TRAIN = DATA / "counterfact" / "counterfact_train_10000.json"
-ZSRE = DATA / "zsre" / "zsre_eval_1037.json"
-MQUAKE = DATA / "mquake" / "mquake_hard_429.json"
-
-needs_data = pytest.mark.skipif(not CF_500.exists(), reason=f"benchmark data not found under {DATA}")
+from helpers import COUNTERFACT_500 as CF_500
+from helpers import COUNTERFACT_TRAIN as CF_TRAIN
+from helpers import MQUAKE_HARD as MQUAKE
+from helpers import ZSRE_EVAL as ZSRE
+from helpers import needs_data
 
 
 def _raw(path: Path) -> list[dict[str, Any]]:
@@ -26,9 +24,7 @@ def _raw(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cf_train() -> list[EditRequest]:
-    """The 10,000-record EasyEdit file, loaded once for the module."""
-    if not CF_TRAIN.exists():
-        pytest.skip(f"benchmark data not found under {DATA}")
+    """The 10,000-record EasyEdit file, loaded once for the module (its tests carry needs_data)."""
     return load_requests(CF_TRAIN)
 
 

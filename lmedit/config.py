@@ -44,7 +44,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         return bool(value)
     if kind in (int, float):
         if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
-            raise bad(f"a {kind.__name__}")
+            raise bad("an int" if kind is int else "a float")
         if kind is int:
             if float(value) != int(float(value)):
                 raise bad("a whole number")
@@ -74,12 +74,13 @@ class Config:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = _coerce(f"{type(self).__name__}.{f.name}", getattr(self, f.name), hints[f.name])
+            given = getattr(self, f.name)
+            value = _coerce(f"{type(self).__name__}.{f.name}", given, hints[f.name])
             object.__setattr__(self, f.name, value)
-            self._check_range(f, value)
+            self._check_range(f, value, given)
         self.validate()
 
-    def _check_range(self, f: dataclasses.Field, value: Any) -> None:
+    def _check_range(self, f: dataclasses.Field, value: Any, given: Any) -> None:
         m = f.metadata
         rule = None
         if m.get("choices") is not None and value not in m["choices"]:
@@ -89,10 +90,12 @@ class Config:
         elif m.get("gt") is not None and isinstance(value, (int, float)) and not value > m["gt"]:
             rule = f"> {m['gt']}"
         if rule:
-            self.fail(f.name, rule)
+            self.fail(f.name, rule, given)
 
-    def fail(self, name: str, rule: str) -> None:
-        raise HyperparameterError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}: must be {rule}")
+    def fail(self, name: str, rule: str, given: Any = None) -> None:
+        """Raise a HyperparameterError naming the field, the value as given and the rule."""
+        shown = getattr(self, name) if given is None else given
+        raise HyperparameterError(f"{type(self).__name__}.{name} = {shown!r}: must be {rule}")
 
     def validate(self) -> None:
         """Checks across fields (subclasses extend it); single-field rules live in the metadata."""

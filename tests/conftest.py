@@ -62,6 +62,14 @@ def _config(model_type: str, tok_ids: dict[str, int], init_std: float):
         return tf.MistralConfig(sliding_window=None, **llama_like)
     if model_type == "qwen2":
         return tf.Qwen2Config(use_sliding_window=False, **llama_like)
+    if model_type == "qwen3":
+        return tf.Qwen3Config(use_sliding_window=False, head_dim=16, **llama_like)
+    if model_type == "gemma":
+        return tf.GemmaConfig(head_dim=16, **llama_like)
+    if model_type == "olmo":
+        return tf.OlmoConfig(**llama_like)
+    if model_type == "phi3":
+        return tf.Phi3Config(**llama_like)
     raise ValueError(f"no tiny config for model type {model_type!r}; known: {ARCHS}")
 
 
@@ -88,9 +96,22 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     if hasattr(model, "generation_config"):
         for k, v in ids.items():
             setattr(model.generation_config, k, v)
-    with torch.no_grad():
-        model.get_submodule(get_adapter(model_type).final_norm).weight.mul_(logit_gain)
+    _scale_logits(model, get_adapter(model_type), logit_gain)
     return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def _scale_logits(model, adapter, gain: float) -> None:
+    """Multiply the logits by ``gain``: through the final norm's weight where it has one (Gemma's
+    norm multiplies by 1 + weight), else through the unembedding (OLMo's norm has no weight)."""
+    norm = adapter.final_norm_module(model)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        adapter.unembed_module(model).weight.mul_(gain)
+    elif model.config.model_type == "gemma":
+        weight.add_(1.0).mul_(gain).sub_(1.0)
+    else:
+        weight.mul_(gain)
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,10 @@ from lmedit.errors import RequestError
 
 @dataclass(frozen=True)
 class SubjectSeq:
-    """Token ids of one prompt and the index of its subject's last token (and the one after)."""
+    """Token ids of one prompt and the index of its subject's last token."""
 
     ids: list[int]
     subject_last: int  # index in ids of the last token overlapping the subject
-
-    @property
-    def after_subject(self) -> int:
-        """Index of the first token after the subject (== len(ids) if the subject ends the prompt)."""
-        return self.subject_last + 1
 
 
 def fill(template: str, subject: str) -> tuple[str, int]:

@@ -39,13 +39,14 @@ def edited(request, fresh, tokenizer, tmp_path_factory):
     model = fresh(arch)
     before = snapshot(model)
     lp0 = [target_logprob(model, tokenizer, r) for r in REQUESTS]
-    res = lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=spd_covariances(model, layers_for(method)),
-                      **edit_kwargs(method))
+    editor = lmedit.Editor(model, tokenizer, method, covariances=spd_covariances(model, layers_for(method)),
+                           **edit_kwargs(method))
+    res = editor.edit(REQUESTS)
     hooks_after_edit = count_hooks(model)
     lp1 = [target_logprob(model, tokenizer, r) for r in REQUESTS]
     path = res.save_deltas(tmp_path_factory.mktemp(f"{method}-{arch}") / "edit.safetensors")
-    return SimpleNamespace(method=method, arch=arch, model=model, tok=tokenizer, res=res, before=before,
-                           edited=snapshot(model), history=list(lmedit.history(model)), hooks=hooks_after_edit,
+    return SimpleNamespace(method=method, arch=arch, model=model, tok=tokenizer, res=res, editor=editor, before=before,
+                           edited=snapshot(model), history=list(editor.history), hooks=hooks_after_edit,
                            lp0=lp0, lp1=lp1, path=path)
 
 
@@ -104,7 +105,7 @@ def test_undo_is_bit_exact(edited):
     model, res = edited.model, edited.res
     res.undo()
     assert_same(model, edited.before)
-    assert lmedit.history(model) == []
+    assert edited.editor.history == []
     assert [target_logprob(model, edited.tok, r) for r in REQUESTS] == edited.lp0
     with pytest.raises(LmeditError, match="already undone"):
         res.undo()
@@ -135,13 +136,13 @@ def test_failure_half_way_changes_nothing(method, arch, exc, fresh, tokenizer, c
     name = "memit" if method == "memit" else "emmet"  # ROME is EMMET with one key
     spy = _FailOnCall(getattr(solvers, name), 2, exc)
     monkeypatch.setattr(solvers, name, spy)
-    kw = edit_kwargs(method) | dict(v_num_grad_steps=2)
+    editor = lmedit.Editor(model, tokenizer, method, covariances=C, **edit_kwargs(method) | dict(v_num_grad_steps=2))
     with pytest.raises(type(exc)):
-        lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=C, **kw)
+        editor.edit(REQUESTS)
     assert spy.calls == 2  # the first update had been applied when the failure came
     assert_same(model, before)
     assert count_hooks(model) == 0
-    assert lmedit.history(model) == []
+    assert editor.history == []
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -187,10 +188,11 @@ def test_singular_covariance_on_the_second_layer_changes_nothing(method, fresh, 
     C = covariances(model, [1, 2])
     C[2] = torch.zeros_like(C[2])
     before = snapshot(model)
+    editor = lmedit.Editor(model, tokenizer, method, covariances=C, **edit_kwargs(method))
     with pytest.raises(SolveError, match="not positive definite"):
-        lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=C, **edit_kwargs(method))
+        editor.edit(REQUESTS)
     assert_same(model, before)
-    assert count_hooks(model) == 0 and lmedit.history(model) == []
+    assert count_hooks(model) == 0 and editor.history == []
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -199,20 +201,20 @@ def test_edits_undo_in_reverse_order_only(method, arch, fresh, tokenizer, covari
     model = fresh(arch)
     C = covariances(model, layers_for(method))
     before = snapshot(model)
-    kw = edit_kwargs(method) | dict(v_num_grad_steps=4)
-    first = lmedit.edit(model, tokenizer, REQUESTS, method=method, covariances=C, **kw)
+    editor = lmedit.Editor(model, tokenizer, method, covariances=C, **edit_kwargs(method) | dict(v_num_grad_steps=4))
+    first = editor.edit(REQUESTS)
     after_first = snapshot(model)
-    second = lmedit.edit(model, tokenizer, OTHER, method=method, covariances=C, **kw)
-    assert lmedit.history(model) == [first, second]
+    second = editor.edit(OTHER)
+    assert editor.history == [first, second]
     assert changed(model, after_first) == edited_names(model, method)
     with pytest.raises(LmeditError, match="later edit"):
         first.undo()
-    assert lmedit.history(model) == [first, second]  # the refused undo changed nothing
+    assert editor.history == [first, second]  # the refused undo changed nothing
     second.undo()
     assert_same(model, after_first)
     first.undo()
     assert_same(model, before)
-    assert lmedit.history(model) == []
+    assert editor.history == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

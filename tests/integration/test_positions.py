@@ -32,7 +32,7 @@ def test_subject_last_token_ends_the_subject(tokenizer, template, subject):
     before = tokenizer.decode(seq.ids[: seq.subject_last])
     assert upto.rstrip().endswith(subject.strip()), (upto, subject)
     assert not before.rstrip().endswith(subject.strip())  # the last token is needed to finish the subject
-    assert seq.after_subject == seq.subject_last + 1 <= len(seq.ids)
+    assert seq.subject_last + 1 <= len(seq.ids)
 
 
 def test_subject_positions_in_a_batch_match_single_encoding(tokenizer):

@@ -136,7 +136,7 @@ def test_rank_deficient_c_raises_solve_error():
 
 def test_memit_with_singular_c_and_too_few_keys_raises():
     R, K, _ = problem(0)
-    with pytest.raises(SolveError, match="lambda \\* C \\+ K K\\^T"):
+    with pytest.raises(SolveError, match="lambda \\* C \\+ mu I \\+ P_e \\+ K K\\^T"):
         solvers.memit(R, K, torch.zeros(D_IN, D_IN, dtype=torch.float64), lam=1.0)
 
 

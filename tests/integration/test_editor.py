@@ -1,0 +1,151 @@
+"""The Editor: state held explicitly (nothing on the model), independent Editors of one model,
+weights states for target reuse, context checks, MPES and the lifelong state on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lmedit
+from helpers import REQUESTS, OTHER, assert_same, edit_kwargs, snapshot, target_logprob
+from lmedit.errors import HyperparameterError, LmeditError
+
+
+def _editor(model, tok, covariances, method="emmet", **kw):
+    args = {**edit_kwargs(method), **kw}
+    return lmedit.Editor(model, tok, method, covariances=covariances(model, args["layers"]), **args)
+
+
+def test_nothing_is_stored_on_the_model(fresh, tokenizer, covariances):
+    model = fresh("llama")
+    attrs = set(vars(model))
+    ed = _editor(model, tokenizer, covariances)
+    ed.edit(REQUESTS)
+    assert set(vars(model)) == attrs
+    twin = copy.deepcopy(model)  # a copy carries no lmedit state: a new Editor of it starts empty
+    assert lmedit.Editor(twin, tokenizer, "emmet", covariances=covariances(twin, [1, 2]), layers=[1, 2]).history == []
+    assert len(ed.history) == 1 and ed.history[0].state is lmedit.EditState.APPLIED
+
+
+def test_undo_refused_after_another_editor_wrote_the_same_layers(fresh, tokenizer, covariances):
+    model = fresh("llama")
+    before = snapshot(model)
+    a, b = _editor(model, tokenizer, covariances), _editor(model, tokenizer, covariances)
+    ra = a.edit(REQUESTS)
+    rb = b.edit(OTHER)
+    with pytest.raises(LmeditError, match=r"layer\(s\) \[1, 2\] were changed after this edit"):
+        ra.undo()
+    rb.undo()  # newest first works, and then the older edit can go too
+    ra.undo()
+    assert_same(model, before)
+    assert ra.state is rb.state is lmedit.EditState.UNDONE
+    with pytest.raises(LmeditError, match="already undone"):
+        ra.undo()
+
+
+def test_weights_state_follows_edits_undos_and_outside_writes(fresh, tokenizer, covariances):
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, covariances)
+    s0 = ed.weights_state()
+    res = ed.edit(REQUESTS)
+    s1 = ed.weights_state()
+    assert s1 != s0
+    ed.undo()
+    assert ed.weights_state() == s0  # an exact undo returns to the earlier state
+    with torch.no_grad():
+        lmedit.get_adapter(model).edit_module(model, 3).weight.mul_(1.0)  # a write outside the Editor
+    assert ed.weights_state() not in (s0, s1)
+    with pytest.raises(HyperparameterError, match="weights as they were then"):
+        ed.edit(REQUESTS, targets=res.targets)
+
+
+def test_targets_reused_within_an_editor_give_the_same_edit(fresh, tokenizer, covariances, monkeypatch):
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, covariances, method="memit")
+    first = ed.edit(REQUESTS)
+    ed.undo()
+    import lmedit.editor as editor_module
+
+    monkeypatch.setattr(editor_module, "compute_targets", lambda *a, **k: pytest.fail("targets optimised again"))
+    again = ed.edit(REQUESTS, targets=first.targets)
+    for l in first.layers:
+        assert torch.allclose(again.deltas[l], first.deltas[l], atol=1e-6)
+    other = _editor(model, tokenizer, covariances, method="memit")
+    ed.undo()
+    with pytest.raises(HyperparameterError, match="another Editor"):
+        other.edit(REQUESTS, targets=first.targets)
+
+
+@pytest.mark.parametrize("context,match", [
+    ([["The {}"]], "first group must be"),
+    ([["{}"], ["no placeholder"]], "exactly one"),
+])
+def test_context_must_start_with_the_bare_prompt(fresh, tokenizer, covariances, context, match):
+    model = fresh("llama")
+    with pytest.raises(HyperparameterError, match=match):
+        _editor(model, tokenizer, covariances, context=context)
+
+
+def test_most_probable_stop_is_no_later_and_only_at_the_argmax(fresh, tokenizer, covariances):
+    """MPES stops each request no later than the loss stop, and only once target_new is the argmax."""
+    model = fresh("llama")
+    kw = dict(v_num_grad_steps=25, early_stop_loss=1e-4)  # a loss stop that is hard to reach
+    loss_stop = _editor(model, tokenizer, covariances, **kw).edit(REQUESTS)
+    loss_stop.undo()
+    ed = _editor(model, tokenizer, covariances, early_stop="most_probable", mpes_extra_steps=1, **kw)
+    mpes = ed.edit(REQUESTS)
+    assert (mpes.targets.steps <= loss_stop.targets.steps).all()
+    assert (mpes.targets.steps < loss_stop.targets.steps).any()  # it can stop earlier
+    for r in REQUESTS:  # target_new is now the greedy continuation of every rewrite prompt
+        ids = tokenizer(r.text)["input_ids"]
+        with torch.no_grad():
+            nxt = model(torch.tensor([ids])).logits[0, -1].argmax()
+        assert int(nxt) == tokenizer(" " + r.target_new)["input_ids"][0]
+
+
+@pytest.mark.parametrize("method", ["encore", "alphaedit", "memit"])
+def test_lifelong_state_accumulates_and_undoes(fresh, tokenizer, covariances, method):
+    model = fresh("llama")
+    extra = {"preserve_edits": True} if method == "memit" else {}
+    if method == "encore":
+        # MEMIT's small lambda of the battery, and a small mu: the reference's values are for a real model's C
+        extra.update(mom2_update_weight=1.0, update_norm_lambda=0.1)
+    if method == "alphaedit":
+        extra["nullspace_energy"] = 0.3  # random SPD C: a wide null space so edits can land
+    ed = _editor(model, tokenizer, covariances, method=method, **extra)
+    lp0 = target_logprob(model, tokenizer, OTHER[0])
+    r1 = ed.edit(REQUESTS)
+    assert ed.n_earlier == 2 and set(ed.earlier) == {1, 2}
+    for l in (1, 2):
+        K = r1.keys[l].double()
+        assert torch.allclose(ed.earlier[l], K.T @ K)
+    ed.edit(OTHER)
+    assert ed.n_earlier == 3
+    assert target_logprob(model, tokenizer, OTHER[0]) > lp0 + 1.0
+    ed.undo()
+    assert ed.n_earlier == 2
+    assert torch.allclose(ed.earlier[1], r1.keys[1].double().T @ r1.keys[1].double(), atol=1e-9)
+
+
+def test_a_failed_edit_leaves_the_lifelong_state(fresh, tokenizer, covariances, monkeypatch):
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, covariances, method="encore")
+    ed.edit(REQUESTS)
+    state = {l: e.clone() for l, e in ed.earlier.items()}
+    import lmedit.core.distribute as distribute
+
+    calls = {"n": 0}
+    real = distribute.collect_keys
+
+    def fail_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distribute, "collect_keys", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        ed.edit(OTHER)
+    assert ed.n_earlier == 2 and all(torch.equal(ed.earlier[l], state[l]) for l in state)

@@ -1,0 +1,148 @@
+"""The edit ledger: round trip bit for bit, resume after a kill equals an uninterrupted run, and
+bad ledgers refused with every weight unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import lmedit
+from helpers import OTHER, REQUESTS, assert_same, edit_kwargs, snapshot, spd_covariances
+from lmedit.errors import CacheError, LmeditError
+from lmedit.ledger import Ledger
+
+BATCHES = [REQUESTS[:1], REQUESTS[1:], OTHER]
+
+
+def _editor(model, tok, method="encore", **kw):
+    args = edit_kwargs("memit")
+    return lmedit.Editor(model, tok, method, covariances=spd_covariances(model, args["layers"]), **args, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fresh, tokenizer):
+    """Three batches of ENCORE (earlier keys preserved, MPES) in one Editor, appended to a ledger."""
+    path = tmp_path_factory.mktemp("ledger") / "full"
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=path, keep_history=False)
+    for b in BATCHES:
+        ed.edit(b)
+    return path, snapshot(model), {l: e.clone() for l, e in ed.earlier.items()}
+
+
+def test_round_trip_is_bit_exact(uninterrupted, fresh, tokenizer):
+    path, weights, earlier = uninterrupted
+    model = fresh("llama")
+    ed = lmedit.Editor.load(model, tokenizer, path, covariances=spd_covariances(model, [1, 2]))
+    assert_same(model, weights)
+    assert ed.n_earlier == 3 and all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)
+    assert ed.method == "encore" and ed.hparams.update_norm_lambda == 10.0
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(uninterrupted, fresh, tokenizer, tmp_path, monkeypatch):
+    path, weights, earlier = uninterrupted
+    partial = tmp_path / "partial"
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=partial, keep_history=False)
+    ed.edit(BATCHES[0])
+    import lmedit.ledger as ledger_module
+
+    real = ledger_module.Ledger._write_manifest
+
+    def killed(self):  # the process dies while committing the second batch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ledger_module.Ledger, "_write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ed.edit(BATCHES[1])
+    monkeypatch.setattr(ledger_module.Ledger, "_write_manifest", real)
+    assert len(Ledger.open(partial).batches) == 1  # the interrupted batch is not in the ledger
+    model = fresh("llama")  # a new process: the base model again
+    ed = lmedit.Editor.load(model, tokenizer, partial, covariances=spd_covariances(model, [1, 2]))
+    for b in BATCHES[1:]:
+        ed.edit(b)
+    assert_same(model, weights)
+    assert all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)
+    assert len(Ledger.open(partial).batches) == 3
+
+
+def _corrupt(path):
+    f = path / "batch-00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    f = path / "batch-00001.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _version(path):
+    m = json.loads((path / "manifest.json").read_text())
+    m["version"] = 99
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _missing(path):
+    (path / "batch-00003.json").unlink()
+
+
+def _not_a_ledger(path):
+    (path / "manifest.json").write_text('{"format": "something else"}')
+
+
+@pytest.mark.parametrize("damage,match", [
+    (_corrupt, "batch-00002.safetensors fails its sha256"),
+    (_truncate, "batch-00001.safetensors fails its sha256"),
+    (_version, "layout version 99"),
+    (_missing, "batch-00003.json is missing"),
+    (_not_a_ledger, "not an lmedit ledger"),
+])
+def test_bad_ledgers_are_refused_and_change_nothing(uninterrupted, fresh, tokenizer, tmp_path, damage, match):
+    bad = tmp_path / "bad"
+    shutil.copytree(uninterrupted[0], bad)
+    damage(bad)
+    model = fresh("llama")
+    before = snapshot(model)
+    with pytest.raises(CacheError, match=match):
+        lmedit.Editor.load(model, tokenizer, bad, covariances=spd_covariances(model, [1, 2]))
+    assert_same(model, before)
+
+
+def test_another_or_edited_base_model_is_refused(uninterrupted, fresh, tokenizer):
+    other = fresh("llama", seed=1)
+    before = snapshot(other)
+    with pytest.raises(CacheError, match="was written for model"):
+        lmedit.Editor.load(other, tokenizer, uninterrupted[0], covariances=spd_covariances(other, [1, 2]))
+    assert_same(other, before)
+    model = fresh("llama")
+    lmedit.Editor.load(model, tokenizer, uninterrupted[0], covariances=spd_covariances(model, [1, 2]))
+    edited = snapshot(model)
+    with pytest.raises(CacheError, match="edited already"):  # the ledger must not be applied twice
+        lmedit.Editor.load(model, tokenizer, uninterrupted[0], covariances=spd_covariances(model, [1, 2]))
+    assert_same(model, edited)
+
+
+def test_a_new_editor_refuses_an_existing_ledger_and_undo_is_refused(uninterrupted, fresh, tokenizer, tmp_path):
+    model = fresh("llama")
+    with pytest.raises(CacheError, match="open it with Editor.load"):
+        _editor(model, tokenizer, ledger=uninterrupted[0])
+    ed = _editor(model, tokenizer, ledger=tmp_path / "new")
+    ed.edit(BATCHES[0])
+    with pytest.raises(LmeditError, match="ledger ahead of the weights"):
+        ed.undo()
+
+
+def test_summary_reports_batches_and_norm_growth(uninterrupted, fresh):
+    model = fresh("llama")
+    adapter = lmedit.get_adapter(model)
+    norms = {l: float(adapter.weight(model, l).detach().norm()) for l in (1, 2)}
+    s = Ledger.open(uninterrupted[0]).summary(norms)
+    assert s["batches"] == 3 and s["requests"] == 3 and s["methods"] == ["encore"]
+    total = sum(Ledger.open(uninterrupted[0]).read_batch(i).deltas[2].double() for i in range(3))
+    assert s["update_norm"][2] == pytest.approx(float(total.norm()))
+    assert s["relative_change"][2] == pytest.approx(float(total.norm()) / norms[2])

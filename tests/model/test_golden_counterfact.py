@@ -26,4 +26,7 @@ def test_unedited_counterfact_metrics_match_the_reference(embedded):
     assert len(requests) == 32
     got = evaluate_requests(model, tok, requests, kind="counterfact")
     for key, want in REFERENCE.items():
-        assert round(got[key], 1) == pytest.approx(want, abs=0.05), f"{key}: {got[key]:.3f}, reference {want}"
+        # the reference printed one decimal: the true value lies within half a unit of it (ES is 10/32 =
+        # 31.25, which prints as 31.2); 0.001 more for float rounding. One record more or less moves
+        # ES by 3.1, PS by 1.6 and NS by 0.3 points, so the check still catches any scoring change.
+        assert abs(got[key] - want) <= 0.051, f"{key}: {got[key]:.3f}, reference {want}"

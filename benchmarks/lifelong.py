@@ -43,21 +43,20 @@ KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 
 
 def batches_of(requests: list, size: int) -> list[list]:
-    """Consecutive batches of ``size``; a record whose subject is already in the batch with another
-    target moves to the next batch (a batch must not ask two things of one subject)."""
-    out, cur, pending = [], [], list(requests)
-    while pending:
-        keep = []
-        for r in pending:
-            if len(cur) < size and all(r.subject != c.subject for c in cur):
-                cur.append(r)
-            else:
-                keep.append(r)
-            if len(cur) == size:
-                out.append(cur)
-                cur = []
-        pending = keep if len(keep) < len(pending) else []
-    return out + ([cur] if cur else [])
+    """Consecutive batches of ``size`` in record order; a record whose subject is already in the batch
+    is carried to the next batch (a batch must not ask two things of one subject). Each batch
+    depends only on the records before it, so a longer --n keeps the earlier batches."""
+    out, carry, rest = [], [], iter(requests)
+    while True:
+        cur, later = [], []
+        for r in carry:
+            (later if len(cur) == size or any(r.subject == c.subject for c in cur) else cur).append(r)
+        while len(cur) < size and (r := next(rest, None)) is not None:
+            (later if any(r.subject == c.subject for c in cur) else cur).append(r)
+        if not cur:
+            return out
+        out.append(cur)
+        carry = later
 
 
 def probe_texts(args) -> tuple[list[str], list[str]]:
@@ -120,14 +119,14 @@ def base_weights(model, adapter, editor) -> dict:
     return W0
 
 
-def run_method(method: str, args, overrides: dict) -> dict:
-    path = Path(args.out) / f"{method}.json"
-    state = json.loads(path.read_text()) if path.exists() else {"method": method, "rows": [], "edit_s": 0.0,
+def run_method(label: str, method: str, args, overrides: dict) -> dict:
+    path = Path(args.out) / f"{label}.json"
+    state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
     model, tok = lmedit.load_model()
     adapter = lmedit.get_adapter(model)
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
-    editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / method, args, overrides)
+    editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
     done = editor.ledger.n_requests if editor.ledger else 0
     W0 = base_weights(model, adapter, editor)
     probe = load_probe(state, model, tok, args, edited=done > 0)
@@ -144,12 +143,14 @@ def run_method(method: str, args, overrides: dict) -> dict:
         n_done += len(batch)
         if n_done <= done:
             continue
+        if args.until and n_done > args.until:
+            break
         t0 = time.perf_counter()
         res = editor.edit(batch)
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
         release_freed_memory()
-        print(f"{method}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
         if n_done % args.eval_every == 0 or i == len(batches) - 1:
             edited = [r for b in batches[: i + 1] for r in b]
             state["rows"].append(evaluate(model, tok, edited, batches[0], probe, W0, adapter, args))
@@ -189,11 +190,13 @@ def write_tables(out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="memit,emmet,encore,alphaedit")
+    ap.add_argument("--methods", default="memit,emmet,encore,alphaedit",
+                    help="method names, or LABEL=METHOD entries (e.g. preserve=memit with --set preserve:preserve_edits=true)")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_train_10000.json"))
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--until", type=int, default=0, help="stop each method at this many edits (continue later)")
     ap.add_argument("--sample", type=float, default=0.2, help="share of the edited facts evaluated (fixed sample)")
     ap.add_argument("--sample-min", type=int, default=500, help="evaluate all edited facts up to this many")
     ap.add_argument("--heldout", type=int, default=64, help="held-out Wikipedia paragraphs for perplexity")
@@ -210,8 +213,9 @@ def main() -> int:
         overrides.setdefault(method, {})[key] = parse_value(value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        run_method(method, args, overrides.get(method, {}))
+    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        label, _, method = entry.partition("=")
+        run_method(label, method or label, args, overrides.get(label, {}))
         write_tables(out)
     return 0
 

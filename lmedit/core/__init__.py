@@ -1,1 +1,2 @@
-"""Pieces shared by every editing method; no method names inside."""
+"""Pieces shared by every editing method (statistics, keys, targets, closed forms, distribution over
+layers, transactions); no dispatch on a method's name inside."""

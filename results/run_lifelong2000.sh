@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Issue 12: sequential editing in batches of 100 from counterfact_train_10000.json, evaluated every
+# 500 edits. Resumable: each method's ledger is in results/lifelong2000/ledgers/ (not committed);
+# running this again continues where it stopped. --until bounds one sitting; raise it to go on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UNTIL=${UNTIL:-2000}
+.venv/bin/python benchmarks/lifelong.py --methods encore,alphaedit,memit,emmet,preserve=memit \
+  --set preserve:preserve_edits=true --n 2000 --batch-size 100 --eval-every 500 --until "$UNTIL" \
+  --out results/lifelong2000 --quiet

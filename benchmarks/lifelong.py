@@ -159,8 +159,22 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
     return state
 
 
+def unedited_reference(args) -> None:
+    """OUT/unedited.json: the unedited model's scores on the first batch and on the first --sample-min
+    records (what the edited model's first-batch and all-edited scores compare with); once per OUT."""
+    path = Path(args.out) / "unedited.json"
+    if path.exists():
+        return
+    model, tok = lmedit.load_model()
+    batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
+    edited = [r for b in batches for r in b][: args.sample_min]
+    first, every = evaluate_requests(model, tok, batches[0]), evaluate_requests(model, tok, edited)
+    save(path, {"first": {m: first[m] for m in KEYS}, f"first_{len(edited)}": {m: every[m] for m in KEYS},
+                "command": " ".join(sys.argv)})
+
+
 def write_tables(out: Path) -> None:
-    states = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    states = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "unedited.json"]
     cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
             "first_neighborhood_score", "known_retention", "perplexity", "fluency", "rel_change_max"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -213,6 +227,7 @@ def main() -> int:
         overrides.setdefault(method, {})[key] = parse_value(value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    unedited_reference(args)
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         label, _, method = entry.partition("=")
         run_method(label, method or label, args, overrides.get(label, {}))

@@ -188,7 +188,7 @@ def write_tables(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axes = plt.subplots(2, 5, figsize=(20, 7))
     for ax, key in zip(axes.flat, cols[1:] + ["all_sampled"]):
         for s in states:
             pts = [(r["edits"], r[key]) for r in s["rows"] if key in r]

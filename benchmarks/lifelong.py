@@ -128,6 +128,13 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
     editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
     done = editor.ledger.n_requests if editor.ledger else 0
+    if not done and any(r["edits"] for r in state["rows"]):
+        # the ledger (not committed: it is large) is gone, e.g. on a new machine: the edits are
+        # deterministic, so run them again and measure the rows again
+        print(f"{label}: no ledger in {Path(args.out) / 'ledgers' / label}; editing again from the start and "
+              f"replacing the rows after 0 edits", flush=True)
+        state["rows"] = [r for r in state["rows"] if r["edits"] == 0]
+        state["edit_s"] = state["targets_s"] = 0.0
     W0 = base_weights(model, adapter, editor)
     probe = load_probe(state, model, tok, args, edited=done > 0)
     state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size)

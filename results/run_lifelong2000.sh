@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12: sequential editing in batches of 100 from counterfact_train_10000.json, evaluated every
 # 500 edits. Resumable: each method's ledger is in results/lifelong2000/ledgers/ (not committed);
-# running this again continues where it stopped. --until bounds one sitting; raise it to go on.
+# running this again continues where it stopped (without the ledgers, e.g. on a new machine, a method
+# is edited again from the start: the edits are deterministic). --until bounds one sitting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UNTIL=${UNTIL:-2000}

@@ -110,13 +110,9 @@ def open_editor(method: str, model, tok, ledger: Path, args, overrides: dict):
     return lmedit.Editor(model, tok, method, ledger=ledger, keep_history=False, progress=not args.quiet, **overrides)
 
 
-def base_weights(model, adapter, editor) -> dict:
-    """W0 per edited layer: the weights now, less what the ledger applied."""
-    W0 = {l: adapter.weight(model, l).detach().to("cpu", torch.float64).clone() for l in editor.hparams.layers}
-    for i in range(len(editor.ledger.batches) if editor.ledger else 0):
-        for l, d in editor.ledger.read_batch(i).deltas.items():
-            W0[l] = W0[l] - d.double()
-    return W0
+def editable_weights(model, adapter) -> dict:
+    """W0 per layer (d_out, d_in), float32 copies of every editable weight as loaded (the base model)."""
+    return {l: adapter.weight(model, l).detach().to("cpu", torch.float32, copy=True) for l in range(adapter.n_layers(model))}
 
 
 def run_method(label: str, method: str, args, overrides: dict) -> dict:
@@ -126,7 +122,9 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
     model, tok = lmedit.load_model()
     adapter = lmedit.get_adapter(model)
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
+    W0 = editable_weights(model, adapter)  # before a ledger is replayed onto the model
     editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
+    W0 = {l: W0[l] for l in editor.hparams.layers}
     done = editor.ledger.n_requests if editor.ledger else 0
     if not done and any(r["edits"] for r in state["rows"]):
         # the ledger (not committed: it is large) is gone, e.g. on a new machine: the edits are
@@ -135,7 +133,6 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
               f"replacing the rows after 0 edits", flush=True)
         state["rows"] = [r for r in state["rows"] if r["edits"] == 0]
         state["edit_s"] = state["targets_s"] = 0.0
-    W0 = base_weights(model, adapter, editor)
     probe = load_probe(state, model, tok, args, edited=done > 0)
     state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size)
     if not state["rows"]:

@@ -181,8 +181,11 @@ class Editor:
             self._context[key] = context_templates(self.model, self.tokenizer, hp.context_templates, seed=hp.seed)
         return self._context[key]
 
-    def systems(self, hp: EditHParams, C: dict[int, torch.Tensor]) -> dict[int, LayerSystem]:
-        """Per edited layer, what the closed form reads besides R and K."""
+    def systems(self, hp: EditHParams, C: dict[int, torch.Tensor],
+                earlier: dict[int, torch.Tensor] | None = None) -> dict[int, LayerSystem]:
+        """Per edited layer, what the closed form reads besides R and K (``earlier``: the sum of
+        earlier keys to preserve, default this Editor's; read only with ``preserve_edits``)."""
+        earlier = self.earlier if earlier is None else earlier
         out = {}
         for layer in hp.layers:
             basis = None
@@ -191,7 +194,7 @@ class Editor:
                 if key not in self._null:
                     self._null[key] = null_space_basis(C[layer], hp.nullspace_energy)
                 basis = self._null[key]
-            out[layer] = LayerSystem(C[layer], self.earlier.get(layer) if hp.preserve_edits else None, basis)
+            out[layer] = LayerSystem(C[layer], earlier.get(layer) if hp.preserve_edits else None, basis)
         return out
 
     def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -264,9 +267,7 @@ class Editor:
                 t0 = time.perf_counter()
                 tr = given if given is not None else self._targets(shared, batch, flat, hp, len(batches) == 1)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
-                systems = self.systems(hp, C)
-                if hp.preserve_edits:
-                    systems = {l: LayerSystem(s.C, earlier.get(l), s.null_basis) for l, s in systems.items()}
+                systems = self.systems(hp, C, earlier)
                 info, t, K = spread_over_layers(self.model, self.tokenizer, self.adapter, tx, batch, groups,
                                                 hp.layers, tr.targets, systems, hp.solver())
                 for l, k in K.items():

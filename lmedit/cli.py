@@ -1,4 +1,4 @@
-"""Command line: ``lmedit demo | edit | eval | sweep | ledger show``; a thin layer over the library.
+"""Command line: ``lmedit demo | edit | eval | sweep | list | ledger show|lora``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
 (``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
@@ -69,10 +69,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="a registered method: rome, memit, emmet, encore, alphaedit "
                    "(default emmet; with an existing --ledger, the ledger's)")
     p.add_argument("--layers", type=_parse_layers, default=None, help="edited layers, e.g. 4,5,6,7,8 or 4-8")
+    p.add_argument("--distribution", default=None, help="how the residual is shared among the layers: single, "
+                   "spread (default), joint, cascade, refit (see `lmedit list`)")
     p.add_argument("--preset", default=None, help="hyperparameter preset (default: matched from the architecture)")
+    p.add_argument("--easyedit-hparams", default=None, metavar="YAML", help="an EasyEdit hyperparameter file "
+                   "(ROME, MEMIT, EMMET, AlphaEdit); its alg_name gives the method (see docs/easyedit.md)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter, e.g. --set mom2_update_weight=1500 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+
+
+def _lora_args(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = False) -> None:
+    p.add_argument(flag, dest="lora_dir", default=None, required=required, metavar="DIR", help=help_text)
+    p.add_argument("--lora-rank", type=int, default=None, help="cap the adapter's rank per layer (truncated SVD; "
+                   "default: the update's own rank, exact)")
+    p.add_argument("--lora-max-error", type=float, default=None, metavar="E",
+                   help="smallest rank per layer whose relative Frobenius error is at most E, e.g. 0.01")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,14 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-model", default=None, help="save the edited model to this directory")
     p.add_argument("--ledger", default=None, help="edit ledger directory: created, or replayed onto the base model "
                    "and appended to (the base model plus DIR is the edited model)")
+    _lora_args(p, "--save-lora", "write the edit as a peft LoRA adapter directory (with --ledger: every batch of it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    p = sub.add_parser("ledger", help="inspect an edit ledger")
+    p = sub.add_parser("ledger", help="inspect an edit ledger, or export it as a LoRA adapter")
     lsub = p.add_subparsers(dest="ledger_command", required=True)
     q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
     q.add_argument("path")
     q.add_argument("--model", default=None, help="the base model, for relative norm growth (default: embedded)")
     q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("lora", help="export the sum of every batch as a peft LoRA adapter directory")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
+    _lora_args(q, "--out", "the adapter directory to write", required=True)
+    q.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="methods, distributions and models, one line each")
+    p.add_argument("--json", action="store_true", help='{"methods": [...], "distributions": [...], "models": [...]}')
 
     p = sub.add_parser("demo", help="edit the embedded model with a small example file (the README's main job)")
     p.add_argument("--method", default="emmet")
@@ -110,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequential", action="store_true", help="let batches accumulate (sequential batched editing)")
     p.add_argument("--generation", action="store_true", help="also measure generation entropy (fluency)")
+    p.add_argument("--chat", action="store_true", help="also score every prompt as the user turn of the tokenizer's "
+                   "chat template, the answer in the assistant turn (metrics named chat_...)")
+    p.add_argument("--easyedit", action="store_true", help="also report EasyEdit's rewrite_acc, rephrase_acc and "
+                   "locality (token accuracy; see docs/easyedit.md)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--json", action="store_true")
 
@@ -137,6 +162,8 @@ def _overrides(args) -> dict[str, Any]:
     ov = _parse_sets(args.sets)
     if args.layers is not None:
         ov["layers"] = args.layers
+    if args.distribution is not None:
+        ov["distribution"] = args.distribution
     return ov
 
 
@@ -156,20 +183,34 @@ def _probe(model, tok, requests) -> list[dict[str, Any]]:
     return out
 
 
+def _hparams(args):
+    """The hyperparameters of --easyedit-hparams (with the method it names), or None."""
+    if not getattr(args, "easyedit_hparams", None):
+        return None
+    from lmedit.easyedit import load_hparams
+
+    hp = load_hparams(args.easyedit_hparams)
+    if args.method is not None:
+        raise ValueError("--method and --easyedit-hparams both name the method; give one of them")
+    return hp
+
+
 def _editor(model, tok, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
-            ledger: str | None = None):
+            ledger: str | None = None, hparams=None):
     """A new Editor, or (with ``ledger`` naming an existing ledger) one with the ledger replayed."""
     import lmedit
 
     if ledger and (Path(ledger) / "manifest.json").exists():
+        if hparams is not None:
+            raise ValueError("--easyedit-hparams applies to a new ledger only (an existing one carries its own settings)")
         return lmedit.Editor.load(model, tok, ledger, method, progress=progress, **overrides)
-    return lmedit.Editor(model, tok, method, preset=preset, progress=progress, ledger=ledger,
+    return lmedit.Editor(model, tok, method, hparams=hparams, preset=preset, progress=progress, ledger=ledger,
                          keep_history=ledger is None, **overrides)
 
 
 def _edit_report(model, tok, requests, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
-                 ledger: str | None = None):
-    editor = _editor(model, tok, method, preset, overrides, progress, ledger)
+                 ledger: str | None = None, hparams=None):
+    editor = _editor(model, tok, method, preset, overrides, progress, ledger, hparams)
     pre = _probe(model, tok, requests)
     result = editor.edit(requests)
     post = _probe(model, tok, requests)
@@ -222,13 +263,19 @@ def cmd_edit(args) -> int:
     overrides = _overrides(args)
     model, tok = _load(args)
     result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
-                                  ledger=args.ledger)
+                                  ledger=args.ledger, hparams=_hparams(args))
     if args.ledger:
         report["ledger"] = {"path": args.ledger, "batches": len(result.editor.ledger.batches),
                             "requests": result.editor.ledger.n_requests}
     if args.save_deltas:
         result.save_deltas(args.save_deltas)
         report["deltas"] = str(args.save_deltas)
+    if args.lora_dir:
+        owner = result.editor if args.ledger else result
+        lora = owner.save_lora(args.lora_dir, rank=args.lora_rank, max_error=args.lora_max_error)
+        report["lora"] = lora.to_dict()
+        if not args.json:
+            print(lora.describe())
     if args.save_model:
         from lmedit._fs import atomic_path
 
@@ -240,6 +287,27 @@ def cmd_edit(args) -> int:
         print(json.dumps(report, indent=1))
     else:
         _print_table(report)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from lmedit.core.distribute import distribution_names, get_distribution
+    from lmedit.methods import get_method, method_names
+    from lmedit.models.loading import named_models
+
+    listing = {
+        "methods": [{"name": n, "summary": get_method(n).summary} for n in method_names()],
+        "distributions": [{"name": n, "summary": get_distribution(n).summary} for n in distribution_names()],
+        "models": [{"name": n, "summary": s} for n, s in named_models().items()],
+    }
+    if args.json:
+        print(json.dumps(listing, indent=1))
+        return 0
+    for kind, entries in listing.items():
+        print(f"{kind}:")
+        width = max(len(e["name"]) for e in entries)
+        for e in entries:
+            print(f"  {e['name']:<{width}}  {e['summary']}")
     return 0
 
 
@@ -266,8 +334,10 @@ def cmd_eval(args) -> int:
     requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
     kind = _kind(args)
     model, tok = _load(args)
-    out = run_eval(model, tok, requests, method=args.method, batch_size=args.batch_size, sequential=args.sequential,
-                   kind=kind, generation=args.generation, model_name=args.model or DEFAULT_MODEL_NAME,
+    hp = _hparams(args)
+    out = run_eval(model, tok, requests, method=args.method or (None if hp is not None else "emmet"), hparams=hp,
+                   batch_size=args.batch_size, sequential=args.sequential,
+                   kind=kind, generation=args.generation, chat=args.chat, easyedit=args.easyedit, model_name=args.model or DEFAULT_MODEL_NAME,
                    progress=not args.quiet, preset=args.preset, **_overrides(args))
     if args.out:
         from lmedit._fs import atomic_path
@@ -279,6 +349,8 @@ def cmd_eval(args) -> int:
     else:
         keys = [k for k in (*METRIC_KEYS, "rewrite_accuracy", "paraphrase_accuracy", "generation_entropy", "efficacy_accuracy", "specificity")
                 if k in out["post"]]
+        keys += [f"chat_{k}" for k in keys if f"chat_{k}" in out["post"]]
+        keys += [k for k in ("rewrite_acc", "rephrase_acc", "locality") if k in out["post"]]
         rows = [{"": "pre", **out["pre"]}, {"": "post", **out["post"]}]
         print(f"{out['method']} on {out['n']} records, batch size {out['batch_size']}"
               f"{' (sequential)' if out['sequential'] else ''}")
@@ -297,6 +369,16 @@ def cmd_ledger(args) -> int:
     ledger = Ledger.open(args.path)
     model, _ = lmedit.load_model(args.model)
     adapter = lmedit.get_adapter(model)
+    if args.ledger_command == "lora":
+        from lmedit.lora import save_lora
+        from lmedit.models.loading import fingerprint
+
+        ledger.check_base(model, adapter, fingerprint(model, adapter))
+        report = save_lora(args.lora_dir, ledger.total_deltas(), model, adapter, rank=args.lora_rank,
+                           max_error=args.lora_max_error, meta={"ledger": str(ledger.path), "batches": len(ledger.batches),
+                                                                "n_requests": ledger.n_requests})
+        print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
+        return 0
     layers = sorted({l for b in ledger.batches for l in b["layers"]})
     summary = ledger.summary({l: float(adapter.weight(model, l).detach().float().norm()) for l in layers})
     if args.json:
@@ -321,6 +403,8 @@ def cmd_sweep(args) -> int:
     import lmedit
     from lmedit.evaluate.experiment import DEFAULT_MODEL_NAME, run_sweep
 
+    if args.easyedit_hparams:
+        raise ValueError("sweep takes its methods from --methods; --easyedit-hparams is for edit and eval")
     requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
     kind = _kind(args)
     per_method: dict[str, dict[str, Any]] = {}
@@ -362,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     from lmedit.errors import LmeditError
 
-    handlers = {"edit": cmd_edit, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
+    handlers = {"edit": cmd_edit, "list": cmd_list, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

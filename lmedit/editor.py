@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmedit.chat import chat_groups, has_chat_template
 from lmedit.core.context import context_templates
-from lmedit.core.distribute import LayerSystem, spread_over_layers
+from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
 from lmedit.core.targets import TargetResult, compute_targets
@@ -102,6 +103,14 @@ class EditResult:
         """Restore the weights this edit changed, bit-exactly. Later edits must be undone first."""
         self.editor.undo(self)
 
+    def save_lora(self, path: str | Path, *, rank: int | None = None, max_error: float | None = None):
+        """Write this edit's updates as a peft LoRA adapter directory (see :mod:`lmedit.lora`)."""
+        from lmedit.lora import save_lora
+
+        return save_lora(path, self.deltas, self.model, self.adapter, rank=rank, max_error=max_error,
+                         meta={"method": self.method, "hparams": self.hparams_record(),
+                               "requests": [r.to_dict() for r in self.requests], "base_fingerprint": self.base_fingerprint})
+
     def save_deltas(self, path: str | Path) -> Path:
         """Write the updates as safetensors (with method, layers, requests and base fingerprint)."""
         return write_deltas(path, self.deltas, self.adapter, method=self.method, hparams=self.hparams_record(),
@@ -142,6 +151,7 @@ class Editor:
         # with preserve_edits (what later edits preserve), and how many edits it holds.
         self.earlier: dict[int, torch.Tensor] = {}
         self.n_earlier = 0
+        self._n_sealed = 0  # edits applied with keep_history=False (their deltas are not kept)
         if context is not None:
             self._context[(self.hparams.context_templates, self.hparams.seed)] = _checked_context(context)
         self._id = next(_STATE_IDS)  # names this Editor in target provenance (unlike id(), never reused)
@@ -180,6 +190,15 @@ class Editor:
         if key not in self._context:
             self._context[key] = context_templates(self.model, self.tokenizer, hp.context_templates, seed=hp.seed)
         return self._context[key]
+
+    def template_groups(self, hp: EditHParams | None = None) -> list[list[str]]:
+        """The groups targets are optimised and keys read with: :meth:`context`, and with
+        ``chat_prompts`` the same groups inside the user turn of the tokenizer's chat template."""
+        hp = hp or self.hparams
+        groups = self.context(hp)
+        if hp.chat_prompts == "on" or (hp.chat_prompts == "auto" and has_chat_template(self.tokenizer)):
+            groups = groups + chat_groups(self.tokenizer, groups)
+        return groups
 
     def systems(self, hp: EditHParams, C: dict[int, torch.Tensor],
                 earlier: dict[int, torch.Tensor] | None = None) -> dict[int, LayerSystem]:
@@ -226,13 +245,14 @@ class Editor:
         t0 = time.perf_counter()
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
-        groups = self.context(hp)
+        groups = self.template_groups(hp)
         self._check_lengths(reqs, groups)
         if targets is not None:
             self._check_reusable(targets, reqs, groups, hp)
         state_before = self.weights_state()
         if self._ledger_path is not None and self.ledger is None:
-            self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint, groups)
+            self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
+                                        self.context(hp))
         with WeightTransaction(self.model, self.adapter) as tx:
             parts, infos, keys, earlier = self._apply(tx, reqs, hp, groups, C, targets, timings)
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
@@ -268,8 +288,9 @@ class Editor:
                 tr = given if given is not None else self._targets(shared, batch, flat, hp, len(batches) == 1)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
                 systems = self.systems(hp, C, earlier)
-                info, t, K = spread_over_layers(self.model, self.tokenizer, self.adapter, tx, batch, groups,
-                                                hp.layers, tr.targets, systems, hp.solver())
+                info, t, K = distribute(hp.distribution, Pieces(
+                    self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
+                    hp.solver(), hp.joint_form, hp))
                 for l, k in K.items():
                     keys[l] = torch.cat([keys[l], k]) if l in keys else k
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
@@ -353,6 +374,7 @@ class Editor:
                         "longer be undone", len(self.history))
         for r in self.history:
             r.state, r.why = EditState.SEALED, "a later edit was made with keep_history=False on top of it"
+        self._n_sealed += len(self.history) + 1
         self.history.clear()
         result.applied.originals.clear()
         result.state = EditState.SEALED
@@ -390,6 +412,31 @@ class Editor:
         result.state = EditState.UNDONE
         self._state, self._seen = result.state_before, self._param_versions()
         return result
+
+    def total_deltas(self) -> dict[int, torch.Tensor]:
+        """Per layer, the sum (float64) of every update this Editor applied on top of its base model:
+        its ledger's batches when it has a ledger, else the edits on its history."""
+        if self.ledger is not None:
+            return self.ledger.total_deltas()
+        if self._n_sealed:
+            raise LmeditError(f"{self._n_sealed} edit(s) of this Editor were made with keep_history=False and without "
+                              "a ledger, so their updates were not kept; use a ledger (ledger=DIR) to export them")
+        total: dict[int, torch.Tensor] = {}
+        for r in self.history:
+            for l, d in r.deltas.items():
+                total[l] = total[l] + d.double() if l in total else d.double()
+        if not total:
+            raise LmeditError("nothing to export: this Editor has applied no edit")
+        return total
+
+    def save_lora(self, path: str | Path, *, rank: int | None = None, max_error: float | None = None):
+        """Write everything this Editor applied (:meth:`total_deltas`) as a peft LoRA adapter directory;
+        ``rank`` / ``max_error`` truncate an accumulated update (see :mod:`lmedit.lora`)."""
+        from lmedit.lora import save_lora
+
+        n = self.ledger.n_requests if self.ledger is not None else sum(len(r.requests) for r in self.history)
+        return save_lora(path, self.total_deltas(), self.model, self.adapter, rank=rank, max_error=max_error,
+                         meta={"method": self.method, "base_fingerprint": self.base_fingerprint, "n_requests": n})
 
     def weights_state(self) -> int:
         """An id of the edited weights' state: a fresh id after each edit, the earlier one again after an

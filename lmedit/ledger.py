@@ -164,6 +164,14 @@ class Ledger:
         requests = json.loads((self.path / b["requests_file"]).read_text())
         return BatchRecord(b["method"], b["hparams"], requests, deltas, keys)
 
+    def total_deltas(self) -> dict[int, torch.Tensor]:
+        """Per layer, the sum (float64) of every batch's delta: the base model plus these is the ledger's model."""
+        total: dict[int, torch.Tensor] = {}
+        for i in range(len(self.batches)):
+            for l, d in self.read_batch(i).deltas.items():
+                total[l] = total[l] + d.double() if l in total else d.double()
+        return total
+
     def read_state(self) -> dict[int, torch.Tensor]:
         state = self.manifest.get("state")
         if not state:
@@ -184,11 +192,7 @@ class Ledger:
 
     def summary(self, model_norms: dict[int, float] | None = None) -> dict[str, Any]:
         """Batches, request count, methods, and per layer the Frobenius norm of the summed deltas."""
-        total: dict[int, torch.Tensor] = {}
-        for i in range(len(self.batches)):
-            for l, d in self.read_batch(i).deltas.items():
-                total[l] = total[l] + d.double() if l in total else d.double()
-        norms = {l: float(t.norm()) for l, t in sorted(total.items())}
+        norms = {l: float(t.norm()) for l, t in sorted(self.total_deltas().items())}
         out = {"path": str(self.path), "base_model": self.manifest["base_model"], "batches": len(self.batches),
                "requests": self.n_requests, "methods": sorted({b["method"] for b in self.batches}),
                "lmedit_version": self.manifest.get("lmedit_version"), "update_norm": norms}

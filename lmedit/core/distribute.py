@@ -1,17 +1,29 @@
-"""Edit-distribution algorithms: which layers are edited and how the residual is shared.
+"""Edit-distribution algorithms: which layers are edited and how the residual is shared among them.
 
-Example: ``info, timings = spread_over_layers(model, tok, adapter, tx, requests, groups, [4, 5, 6, 7, 8], z_star, C, solve)``
+Example::
 
-MEMIT's spread (``layers`` with more than one entry; one entry is the single-layer case): targets
-z* are residual-stream vectors at the LAST layer of the range. For layer l_i (i = 0..L-1), with
-the earlier layers already written:
+    lmedit.edit(model, tok, requests, method="emmet", distribution="joint")   # any objective, any distribution
+    register_distribution("mine", my_function, "one line for `lmedit list`")
 
-    K_i  = keys at l_i (recomputed: earlier edits change them)
-    R_i  = (z* - z_now) / (L - i)       z_now: output of the last layer on the bare prompts, now
-    dW_i = solve(R_i, K_i, C_i)         the objective's closed form (MEMIT, EMMET, ROME ...)
+Targets z* are residual-stream vectors at the LAST edited layer. A distribution is a short function
+of :class:`Pieces`, the shared parts every distribution composes: the keys at some layers
+(``keys_at``, one forward pass however many layers it reads), the residual still missing at the
+last layer on the bare prompts (``missing``: z* - z_now), the objective's closed form for one layer
+(``solve``) or for several layers as one problem (``solve_joint``), and the write (``write``). The
+objective (ROME / MEMIT / EMMET / AlphaEdit ...) is the method's; the distribution never knows
+which. Built in (derivations in ``docs/distributions.md``):
 
-so each layer takes an equal share of what is still missing. Any objective pairs with any
-distribution: the solver is a plain function of (R, K, the layer's system).
+* ``single``: the last layer alone takes the whole residual.
+* ``spread`` (MEMIT's): for layer l_i, i = 0..L-1, with the earlier layers already written,
+  K_i = keys at l_i (recomputed), R_i = (z* - z_now) / (L - i), dW_i = solve(R_i, K_i).
+* ``joint``: one key pass with the unedited weights, then all layers solved as one problem,
+  minimising sum_l ||dW_l||^2 in each layer's preservation metric subject to sum_l dW_l K_l = R
+  (or its least-squares analogue): layers share the residual by their capacity.
+* ``refit``: a pass of ``refit_base`` (any other distribution), then again on what is still
+  missing (later layers' keys moved), until the residual falls below ``refit_tol`` of where it
+  started or ``refit_passes`` passes ran.
+* ``cascade``: layer by layer like ``spread`` (keys recomputed after each write), but each layer
+  takes its share of a joint solve over the layers still to be written instead of an equal share.
 """
 
 from __future__ import annotations
@@ -19,16 +31,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from lmedit.core import solvers
 from lmedit.core.keys import collect_keys, residual_stream
 from lmedit.core.weights import WeightTransaction
+from lmedit.errors import HyperparameterError
 from lmedit.models.adapters import ModelAdapter
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class LayerSystem:
@@ -42,45 +57,167 @@ class LayerSystem:
 Solver = Callable[[torch.Tensor, torch.Tensor, LayerSystem], torch.Tensor]  # (R, K, system) -> dW
 
 
-def spread_over_layers(
-    model,
-    tokenizer,
-    adapter: ModelAdapter,
-    tx: WeightTransaction,
-    requests: Sequence[EditRequest],
-    template_groups: Sequence[Sequence[str]],
-    layers: Sequence[int],
-    targets: torch.Tensor,
-    systems: dict[int, LayerSystem],
-    solve: Solver,
-) -> tuple[dict[int, dict[str, float]], dict[str, float], dict[int, torch.Tensor]]:
-    """Write the updates layer by layer into ``tx``.
+@dataclass(frozen=True)
+class JointForm:
+    """An objective seen through its per-layer metric (see ``lmedit.core.solvers.joint``)."""
 
-    Returns (per-layer diagnostics, timings, keys): timings ``keys_s`` reading K, ``residual_s``
-    re-reading z, ``solve_s`` the closed forms; keys {layer: K (B, d_in)} as each layer's solve used them.
-    """
-    z_layer = layers[-1]
-    info: dict[int, dict[str, float]] = {}
-    timings = {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0}
-    keys: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
+    kind: str  # "least_squares" or "equality"
+    metric_solve: Callable[[torch.Tensor, LayerSystem], torch.Tensor]  # (K (d_in, B), system) -> M^-1 K
+    ridge: float = 0.0  # equality: the ridge on sum_l K_l^T M_l^-1 K_l
+
+
+@dataclass
+class Pieces:
+    """The shared parts of every distribution, for one batch, and what they record."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    tx: WeightTransaction
+    requests: Sequence[EditRequest]
+    template_groups: Sequence[Sequence[str]]
+    layers: Sequence[int]
+    targets: torch.Tensor  # (B, d) z* at layers[-1]
+    systems: dict[int, LayerSystem]
+    solver: Solver
+    joint_form: Callable[[], JointForm]  # the method's, built only when a distribution asks for it
+    settings: object = None  # the hyperparameters (refit_base, refit_tol, refit_passes)
+    info: dict[int, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=lambda: {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0})
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the K its (last) solve used
+
+    def keys_at(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{layer: K (B, d_in)} with the weights as they are now (one forward pass)."""
         t0 = time.perf_counter()
-        K = collect_keys(model, tokenizer, adapter, requests, template_groups, [layer])[layer]  # (B, d_in)
-        t1 = time.perf_counter()
-        z_now = residual_stream(model, tokenizer, adapter, requests, z_layer)  # (B, d)
-        t2 = time.perf_counter()
-        R = (targets - z_now) / (len(layers) - i)  # (B, d)
-        dW = solve(R.T, K.T, systems[layer])  # (d_out, d_in) float64
-        keys[layer] = K
-        t3 = time.perf_counter()
-        tx.add(layer, dW)
-        info[layer] = {
-            "residual_norm": float((targets - z_now).norm(dim=1).mean()),
+        K = collect_keys(self.model, self.tokenizer, self.adapter, self.requests, self.template_groups, list(layers))
+        self.timings["keys_s"] += time.perf_counter() - t0
+        return K
+
+    def missing(self) -> torch.Tensor:
+        """z* - z_now (B, d): what the last layer's output still lacks on the bare prompts."""
+        t0 = time.perf_counter()
+        z_now = residual_stream(self.model, self.tokenizer, self.adapter, self.requests, self.layers[-1])
+        self.timings["residual_s"] += time.perf_counter() - t0
+        return self.targets - z_now
+
+    def solve(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """The objective's dW (d_out, d_in) at ``layer`` for residuals R (B, d_out) and keys K (B, d_in)."""
+        t0 = time.perf_counter()
+        dW = self.solver(R.T, K.T, self.systems[layer])
+        self.timings["solve_s"] += time.perf_counter() - t0
+        return dW
+
+    def solve_joint(self, R: torch.Tensor, K: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{layer: dW} solving every layer of ``K`` as one problem for the residual R (B, d_out)."""
+        t0 = time.perf_counter()
+        form = self.joint_form()
+        layers = sorted(K)
+        Ys = [form.metric_solve(K[l].T.to(torch.float64), self.systems[l]) for l in layers]
+        dWs = solvers.joint(R.T, [K[l].T for l in layers], Ys, form.kind, form.ridge)
+        self.timings["solve_s"] += time.perf_counter() - t0
+        return dict(zip(layers, dWs))
+
+    def write(self, layer: int, dW: torch.Tensor, K: torch.Tensor, missing: torch.Tensor) -> None:
+        """W_layer += dW, with the diagnostics (``missing``: the residual the solve saw, before any share)."""
+        self.tx.add(layer, dW)
+        self.keys[layer] = K
+        self.info[layer] = {
+            "residual_norm": float(missing.norm(dim=1).mean()),
             "update_norm": float(dW.norm()),
-            "weight_norm": float(adapter.weight(model, layer).detach().float().norm()),
+            "weight_norm": float(self.adapter.weight(self.model, layer).detach().float().norm()),
         }
-        timings["keys_s"] += t1 - t0
-        timings["residual_s"] += t2 - t1
-        timings["solve_s"] += t3 - t2
-        log.debug("layer %d: %s", layer, info[layer])
-    return info, timings, keys
+        log.debug("layer %d: %s", layer, self.info[layer])
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distribution:
+    name: str
+    run: Callable[[Pieces], None]
+    summary: str
+
+
+_DISTRIBUTIONS: dict[str, Distribution] = {}
+
+
+def register_distribution(name: str, run: Callable[[Pieces], None], summary: str, *,
+                          overwrite: bool = False) -> Distribution:
+    """Register ``run(pieces)`` under ``name`` (lower-cased); it writes its updates with ``pieces.write``."""
+    key = name.strip().lower()
+    if not key or not callable(run):
+        raise HyperparameterError(f"register_distribution({name!r}, {run!r}): need a name and a function")
+    if key in _DISTRIBUTIONS and not overwrite:
+        raise HyperparameterError(f"a distribution named {key!r} is registered already; pass overwrite=True")
+    _DISTRIBUTIONS[key] = Distribution(key, run, summary)
+    return _DISTRIBUTIONS[key]
+
+
+def get_distribution(name: str) -> Distribution:
+    try:
+        return _DISTRIBUTIONS[name.strip().lower()]
+    except KeyError:
+        raise HyperparameterError(f"unknown distribution {name!r}; available: {', '.join(distribution_names())}") from None
+
+
+def distribution_names() -> list[str]:
+    return sorted(_DISTRIBUTIONS)
+
+
+def distribute(name: str, pieces: Pieces) -> tuple[dict[int, dict[str, float]], dict[str, float], dict[int, torch.Tensor]]:
+    """Run distribution ``name``; returns (per-layer diagnostics, timings, keys as the solves used them)."""
+    get_distribution(name).run(pieces)
+    return pieces.info, pieces.timings, pieces.keys
+
+
+# --- the built-in distributions -------------------------------------------------------------------
+
+def single(p: Pieces) -> None:
+    layer = p.layers[-1]
+    K = p.keys_at([layer])[layer]
+    R = p.missing()
+    p.write(layer, p.solve(layer, R, K), K, R)
+
+
+def spread(p: Pieces) -> None:
+    for i, layer in enumerate(p.layers):
+        K = p.keys_at([layer])[layer]
+        missing = p.missing()
+        p.write(layer, p.solve(layer, missing / (len(p.layers) - i), K), K, missing)
+
+
+def joint(p: Pieces) -> None:
+    K = p.keys_at(p.layers)
+    missing = p.missing()
+    for layer, dW in p.solve_joint(missing, K).items():
+        p.write(layer, dW, K[layer], missing)
+
+
+def cascade(p: Pieces) -> None:
+    for i, layer in enumerate(p.layers):
+        K = p.keys_at(p.layers[i:])
+        missing = p.missing()
+        p.write(layer, p.solve_joint(missing, K)[layer], K[layer], missing)
+
+
+def refit(p: Pieces) -> None:
+    hp = p.settings
+    base = get_distribution(hp.refit_base)
+    if base.name == "refit":
+        raise HyperparameterError("refit_base must be another distribution than refit")
+    start = float(p.missing().norm(dim=1).mean())
+    for n in range(1, hp.refit_passes + 1):
+        base.run(p)
+        left = float(p.missing().norm(dim=1).mean())
+        for layer in p.info:
+            p.info[layer].update(passes=n, residual_left=left)
+        log.debug("refit pass %d: residual %.4g -> %.4g", n, start, left)
+        if left <= hp.refit_tol * start:
+            break
+
+
+register_distribution("single", single, "the last layer alone takes the whole residual")
+register_distribution("spread", spread, "MEMIT's: each layer in turn takes an equal share of what is still missing")
+register_distribution("joint", joint, "all layers solved as one problem, shares by capacity, one key pass")
+register_distribution("cascade", cascade, "layer by layer, each taking its share of a joint solve over the layers left")
+register_distribution("refit", refit, "passes of refit_base until the residual falls below refit_tol")

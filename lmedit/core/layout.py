@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lmedit.core.tokens import SubjectSeq, encode_continuations, encode_subject_prompts, pad_id
+from lmedit.core.tokens import SubjectSeq, encode_continuations, encode_subject_prompts, fill, pad_id
 from lmedit.errors import RequestError
 from lmedit.requests import EditRequest
 
@@ -77,10 +77,15 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
     target_ids = [c for _, c in cont]  # target tokens of each request, read after its bare prompt
     filled, subjects, req_idx, kl = _rows(requests, templates)
     seqs: list[SubjectSeq] = encode_subject_prompts(tokenizer, filled, subjects)
+    # a template that ends in whitespace (a chat template's assistant turn) is answered without the
+    # leading space: its target tokens are read after its own text
+    own = [j for j, (f, is_kl) in enumerate(zip(filled, kl)) if not is_kl and f[-1:].isspace()]
+    own_ids = dict(zip(own, (c for _, c in encode_continuations(
+        tokenizer, [fill(filled[j], subjects[j])[0] for j in own], [requests[req_idx[j]].target_new for j in own]))))
     full: list[list[int]] = []
     rows, cols_rel, toks, weights = [], [], [], []
     for j, (s, i, is_kl) in enumerate(zip(seqs, req_idx, kl)):
-        tgt = [] if is_kl else target_ids[i]
+        tgt = [] if is_kl else own_ids.get(j, target_ids[i])
         full.append(s.ids + tgt[:-1])
         for k, t in enumerate(tgt):
             rows.append(j)

@@ -135,6 +135,47 @@ def alphaedit(R: torch.Tensor, K: torch.Tensor, U: torch.Tensor, alpha: float,
     return _finite((U @ Y).T, "AlphaEdit")
 
 
+# --- several layers solved as one problem (the `joint` distribution) ---------------------------------
+#
+# Every closed form above is dW = R F(G)^-1 (M^-1 K)^T with G = K^T M^-1 K (B x B) and M the layer's
+# preservation metric: least squares (MEMIT, AlphaEdit) F(G) = I + G, equality (EMMET, ROME)
+# F(G) = G + ridge I (push-through identity: R K^T (M + K K^T)^-1 = R (I + G)^-1 K^T M^-1). Over
+# several layers whose outputs add to one residual stream, minimising sum_l ||dW_l||_{M_l}^2 with
+# sum_l dW_l K_l = R (equality) or + ||sum_l dW_l K_l - R||^2 (least squares) gives the same form
+# with G = sum_l G_l and dW_l = Lambda (M_l^-1 K_l)^T (docs/distributions.md derives it).
+
+def metric_solve(K: torch.Tensor, C: torch.Tensor, lam: float, mu: float = 0.0,
+                 earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = M^-1 K with M = lam C + mu I + P_e, (d_in, B) float64."""
+    M = _preserved(C, lam, mu, earlier)
+    return torch.cholesky_solve(K.to(DTYPE), _chol(M, "lambda * C + mu I + P_e"))
+
+
+def null_metric_solve(K: torch.Tensor, U: torch.Tensor, alpha: float,
+                      earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """AlphaEdit's Y = U M~^-1 U^T K with M~ = U^T P_e U + alpha I (its metric in null-space coordinates)."""
+    U = U.to(DTYPE)
+    M = alpha * torch.eye(U.shape[1], dtype=DTYPE, device=U.device)
+    if earlier is not None:
+        M = M + U.T @ earlier.to(DTYPE) @ U
+    return U @ torch.cholesky_solve(U.T @ K.to(DTYPE), _chol(0.5 * (M + M.T), "U^T P_e U + alpha I"))
+
+
+def joint(R: torch.Tensor, Ks: list[torch.Tensor], Ys: list[torch.Tensor], kind: str,
+          ridge: float = 0.0) -> list[torch.Tensor]:
+    """Per layer dW_l = Lambda Y_l^T with Lambda = R F(sum_l K_l^T Y_l)^-1 (see above); ``Y_l = M_l^-1 K_l``.
+
+    ``kind`` is "least_squares" (F(G) = I + G) or "equality" (F(G) = G + ridge I)."""
+    if kind not in ("least_squares", "equality"):
+        raise ValueError(f"kind must be 'least_squares' or 'equality', got {kind!r}")
+    R = R.to(DTYPE)
+    G = sum(K.to(DTYPE).T @ Y for K, Y in zip(Ks, Ys, strict=True))  # (B, B)
+    eye = torch.eye(G.shape[0], dtype=DTYPE, device=G.device)
+    F = 0.5 * (G + G.T) + (eye if kind == "least_squares" else ridge * eye)
+    Lam_T = torch.cholesky_solve(R.T, _chol(F, "the joint system sum_l K_l^T M_l^-1 K_l" + (" + I" if kind == "least_squares" else " + ridge I")))
+    return [_finite(Lam_T.T @ Y.T, "the joint solve") for Y in Ys]
+
+
 def rome(r: torch.Tensor, k: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """dW = r (C^-1 k)^T / (k^T C^-1 k) for one key k (d_in,) and residual r (d_out,)."""
     if k.dim() != 1 or r.dim() != 1:

@@ -53,7 +53,8 @@ def encode_subject_prompts(tokenizer, templates: Sequence[str], subjects: Sequen
 
 
 def encode_continuations(tokenizer, prefixes: Sequence[str], continuations: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(prefix ids, continuation ids) with the continuation preceded by one space.
+    """(prefix ids, continuation ids) with the continuation preceded by one space, or by nothing
+    after a prefix that ends in whitespace (a chat template's "assistant\\n").
 
     The continuation's tokens are those of ``prefix + " " + continuation`` beyond the prefix's
     own tokens, so SentencePiece and BPE tokenizers both give the tokens the model would read;
@@ -61,7 +62,7 @@ def encode_continuations(tokenizer, prefixes: Sequence[str], continuations: Sequ
     """
     if not prefixes:
         return []
-    conts = [" " + c.strip() for c in continuations]
+    conts = [("" if p[-1:].isspace() else " ") + c.strip() for p, c in zip(prefixes, continuations, strict=True)]
     p_ids = tokenizer(list(prefixes), add_special_tokens=True)["input_ids"]
     f_ids = tokenizer([p + c for p, c in zip(prefixes, conts, strict=True)], add_special_tokens=True)["input_ids"]
     out = []

@@ -10,7 +10,8 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from lmedit.errors import HyperparameterError
 from lmedit.evaluate.metrics import aggregate, harmonic_mean
 from lmedit.methods import EditHParams
 from lmedit.presets import resolve_hparams
-from lmedit.evaluate.runner import evaluate_requests
+from lmedit.evaluate.runner import EasyEditMetrics, evaluate_requests
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def run_eval(
     sequential: bool = False,
     kind: str = "counterfact",
     generation: bool = False,
+    chat: bool = False,
+    easyedit: bool = False,
     model_name: str = DEFAULT_MODEL_NAME,
     progress: bool = True,
     pre: dict[str, Any] | None = None,
@@ -62,26 +65,31 @@ def run_eval(
         raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
     editor = Editor(model, tokenizer, method, preset=preset, hparams=hparams, **overrides)
-    pre = dict(pre) if pre is not None else evaluate_requests(model, tokenizer, requests, kind=kind, generation=generation)
+    ee = EasyEditMetrics(model, tokenizer, requests) if easyedit else None  # reference tokens: the unedited model
+    evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee)
+    pre = dict(pre) if pre is not None else evaluate(model, tokenizer, requests)
     timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0,
                "eval_s": pre.pop("eval_s", 0.0)}
     editor.context()
-    post_parts, weights = _edit_batches(editor, requests, batch_size, sequential, kind, generation, timings, progress)
+    post_parts, weights = _edit_batches(editor, requests, batch_size, sequential, evaluate, timings, progress)
     post = aggregate(post_parts, weights=weights)
-    if kind == "counterfact" and all(k in post for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
-        post["score"] = harmonic_mean([post["efficacy_score"], post["paraphrase_score"], post["neighborhood_score"]])
+    for p in ("", "chat_"):
+        parts = [f"{p}efficacy_score", f"{p}paraphrase_score", f"{p}neighborhood_score"]
+        if kind == "counterfact" and all(k in post for k in parts):
+            post[f"{p}score"] = harmonic_mean([post[k] for k in parts])
     timings["total_s"] = time.perf_counter() - t_all
     n = len(requests)
     timings["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
-        "kind": kind, "pre": pre, "post": post, "timings": timings,
+        "kind": kind, "chat": chat, "easyedit": easyedit, "pre": pre, "post": post, "timings": timings,
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
 
 
-def _edit_batches(editor: Editor, requests: Sequence[EditRequest], batch_size: int, sequential: bool, kind: str,
-                  generation: bool, timings: dict[str, float], progress: bool) -> tuple[list[dict], list[int]]:
+def _edit_batches(editor: Editor, requests: Sequence[EditRequest], batch_size: int, sequential: bool,
+                  evaluate: Callable[..., dict[str, Any]], timings: dict[str, float],
+                  progress: bool) -> tuple[list[dict], list[int]]:
     """Edit and evaluate each batch (undone after it), or all batches then all records; the model is
     left as it was found. Returns the metric parts and their record counts."""
     from tqdm.auto import tqdm
@@ -95,11 +103,11 @@ def _edit_batches(editor: Editor, requests: Sequence[EditRequest], batch_size: i
             for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s"):
                 timings[k] += res.timings.get(k, 0.0)
             if not sequential:
-                parts.append(evaluate_requests(model, tok, batch, kind=kind, generation=generation))
+                parts.append(evaluate(model, tok, batch))
                 weights.append(len(batch))
                 editor.undo()
         if sequential:
-            parts, weights = [evaluate_requests(model, tok, requests, kind=kind, generation=generation)], [len(requests)]
+            parts, weights = [evaluate(model, tok, requests)], [len(requests)]
     finally:
         while editor.history:  # leave the model as we found it
             editor.undo()

@@ -27,10 +27,13 @@ def score_continuations(
     continuations: Sequence[str],
     *,
     max_tokens: int = 8192,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per pair: (log-probs of each continuation token (n,), argmax-correct flags (n,) bool).
+    with_argmax: bool = False,
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per pair: (log-probs of each continuation token (n,), argmax-correct flags (n,) bool), and
+    with ``with_argmax`` the argmax token ids (n,) as a third element.
 
-    The continuation is read after one space (``" " + continuation``), as in CounterFact.
+    The continuation is read after one space (``" " + continuation``), as in CounterFact, or
+    directly after a prefix that ends in whitespace (a chat template's assistant turn).
     """
     pairs = encode_continuations(tokenizer, prefixes, continuations)
     seqs = [p + c for p, c in pairs]
@@ -39,7 +42,7 @@ def score_continuations(
     base = adapter.decoder(model)
     unembed = adapter.unembed_module(model)
     pid = pad_id(tokenizer)
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(seqs)
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(seqs)
     for group in token_chunks([len(s) for s in seqs], max_tokens):
         ids, mask = pad([seqs[i] for i in group], pid, side="right")
         hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
@@ -54,11 +57,14 @@ def score_continuations(
         lp = torch.log_softmax(logits, -1)
         toks_t = torch.tensor(toks, device=device)
         tok_lp = lp.gather(1, toks_t[:, None]).squeeze(1).cpu()
-        correct = (lp.argmax(-1) == toks_t).cpu()
+        best = lp.argmax(-1)
+        correct = (best == toks_t).cpu()
+        best = best.cpu()
         start = 0
         for i in group:
             n = len(pairs[i][1])
-            out[i] = (tok_lp[start:start + n], correct[start:start + n])
+            part = (tok_lp[start:start + n], correct[start:start + n])
+            out[i] = (*part, best[start:start + n]) if with_argmax else part
             start += n
     return out  # type: ignore[return-value]
 

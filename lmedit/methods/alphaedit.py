@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from lmedit.config import param
 from lmedit.core import solvers
+from lmedit.core.distribute import JointForm
 from lmedit.methods.base import EditHParams, register_method
 
 
@@ -47,6 +48,11 @@ class AlphaEditHParams(EditHParams):
         def solve(R, K, system):
             return solvers.alphaedit(R, K, system.null_basis, alpha, earlier=system.earlier if keep else None)
         return solve
+
+    def joint_form(self) -> JointForm:
+        alpha, keep = self.alphaedit_l2, self.preserve_edits
+        return JointForm("least_squares", lambda K, system: solvers.null_metric_solve(
+            K, system.null_basis, alpha, system.earlier if keep else None))
 
 
 register_method("alphaedit", AlphaEditHParams)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lmedit.config import param
-from lmedit.core.distribute import Solver
+from lmedit.core.distribute import JointForm, Solver, distribution_names
 from lmedit.core.targets import TargetConfig
 from lmedit.errors import HyperparameterError
 from lmedit.models.precision import ACCUMULATE_DTYPES, COMPUTE_DTYPES
@@ -40,6 +40,16 @@ class EditHParams(TargetConfig):
     mom2_adjustment: bool = param(True, "False: C = I (no statistics; as EasyEdit's Llama ROME file)")
     mom2_update_weight: float = param(1.0, "lambda, the weight of the preserved keys' C", gt=0)
 
+    chat_prompts: str = param("off", "also optimise the targets (and read the keys) with every context template "
+                              "inside the user turn of the tokenizer's chat template, the answer in the assistant "
+                              "turn: 'on', 'off', or 'auto' (on when the tokenizer has a chat template)",
+                              choices=("off", "on", "auto"))
+    distribution: str = param("spread", "how the residual is shared among the layers: a registered distribution "
+                              "(single, spread, joint, cascade, refit; `lmedit list`)")
+    refit_base: str = param("spread", "with distribution='refit': the distribution each pass runs")
+    refit_tol: float = param(0.05, "with distribution='refit': stop once the residual at the last layer is below "
+                             "this share of where it started", gt=0)
+    refit_passes: int = param(3, "with distribution='refit': at most this many passes", min=1)
     preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
                                  "(sum K_p K_p^T; for lifelong editing)")
 
@@ -53,6 +63,11 @@ class EditHParams(TargetConfig):
             self.fail("layers", "a non-empty, strictly increasing list of layer indices >= 0")
         if not all(length >= 2 and n >= 1 for length, n in self.context_templates):
             self.fail("context_templates", "a list of (length >= 2, count >= 1) pairs")
+        for name in ("distribution", "refit_base"):
+            if getattr(self, name).strip().lower() not in distribution_names():
+                self.fail(name, f"one of the registered distributions {distribution_names()}")
+        if self.refit_base.strip().lower() == "refit":
+            self.fail("refit_base", "another distribution than refit")
 
     @property
     def needs_null_space(self) -> bool:
@@ -62,6 +77,11 @@ class EditHParams(TargetConfig):
     def solver(self) -> Solver:
         """The objective's closed form with this method's weights bound: (R, K, system) -> dW."""
         raise NotImplementedError
+
+    def joint_form(self) -> JointForm:
+        """The objective through its per-layer metric, for distributions that solve layers together."""
+        raise HyperparameterError(f"{type(self).__name__} defines no joint_form(), so it pairs only with distributions "
+                                  "that solve one layer at a time (single, spread, refit of those)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from lmedit.config import param
 from lmedit.core import solvers
+from lmedit.core.distribute import JointForm
 from lmedit.methods.base import EditHParams, register_method
 
 
@@ -21,7 +22,7 @@ class EmmetHParams(EditHParams):
     emmet_lambda: float = param(0.1, "ridge on the B x B matrix K^T C'^-1 K (the reference's emmet_lambda)", min=0)
     update_norm_lambda: float = param(0.0, "mu, a Frobenius-norm penalty on dW (C' = lambda C + mu I)", min=0)
 
-    summary: ClassVar[str] = "equality-constrained batch edit spread over layers"
+    summary: ClassVar[str] = "equality-constrained batch edit (EMMET)"
 
     def solver(self):
         lam, ridge, mu, keep = self.mom2_update_weight, self.emmet_lambda, self.update_norm_lambda, self.preserve_edits
@@ -29,6 +30,11 @@ class EmmetHParams(EditHParams):
         def solve(R, K, system):
             return solvers.emmet(R, K, system.C, lam=lam, ridge=ridge, mu=mu, earlier=system.earlier if keep else None)
         return solve
+
+    def joint_form(self) -> JointForm:
+        lam, mu, keep = self.mom2_update_weight, self.update_norm_lambda, self.preserve_edits
+        return JointForm("equality", lambda K, system: solvers.metric_solve(
+            K, system.C, lam, mu, system.earlier if keep else None), self.emmet_lambda)
 
 
 register_method("emmet", EmmetHParams)

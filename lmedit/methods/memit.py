@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from lmedit.config import param
 from lmedit.core import solvers
+from lmedit.core.distribute import JointForm
 from lmedit.methods.base import EditHParams, register_method
 
 
@@ -21,7 +22,7 @@ class MemitHParams(EditHParams):
     mom2_update_weight: float = param(15000.0, "lambda, the weight of C (GPT-J's value; tune per model)", gt=0)
     update_norm_lambda: float = param(0.0, "mu, a Frobenius-norm ridge on dW (ENCORE)", min=0)
 
-    summary: ClassVar[str] = "least-squares batch edit spread over layers"
+    summary: ClassVar[str] = "least-squares batch edit (MEMIT)"
 
     def solver(self):
         lam, mu, keep = self.mom2_update_weight, self.update_norm_lambda, self.preserve_edits
@@ -29,6 +30,11 @@ class MemitHParams(EditHParams):
         def solve(R, K, system):
             return solvers.memit(R, K, system.C, lam=lam, mu=mu, earlier=system.earlier if keep else None)
         return solve
+
+    def joint_form(self) -> JointForm:
+        lam, mu, keep = self.mom2_update_weight, self.update_norm_lambda, self.preserve_edits
+        return JointForm("least_squares", lambda K, system: solvers.metric_solve(
+            K, system.C, lam, mu, system.earlier if keep else None))
 
 
 @dataclass(frozen=True)

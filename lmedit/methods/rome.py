@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from lmedit.config import param
 from lmedit.core import solvers
+from lmedit.core.distribute import JointForm
 from lmedit.methods.base import EditHParams, register_method
 
 
@@ -36,6 +37,11 @@ class RomeHParams(EditHParams):
         def solve(R, K, system):  # one key: EMMET with one key is exactly ROME's rank-one form
             return solvers.emmet(R, K, system.C, lam=lam, ridge=0.0, earlier=system.earlier if keep else None)
         return solve
+
+    def joint_form(self) -> JointForm:
+        lam, keep = self.mom2_update_weight, self.preserve_edits
+        return JointForm("equality", lambda K, system: solvers.metric_solve(
+            K, system.C, lam, 0.0, system.earlier if keep else None))
 
 
 register_method("rome", RomeHParams)

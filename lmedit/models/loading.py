@@ -49,20 +49,27 @@ def _gguf_id(path: Path) -> str:
 
 
 def embedded_model_dir() -> Path:
-    """The float32 safetensors directory of the embedded model, converting it on first use.
+    """The float32 safetensors directory of the embedded model, converting it on first use."""
+    return converted_dir(_embedded_gguf(), EMBEDDED_NAME)
 
-    The conversion (GGUF -> float32 safetensors, about 20 s) writes into a temporary directory
-    that is renamed into place when complete, so an interrupted conversion never leaves a
-    broken cache. A cache whose manifest or files do not match is rebuilt with a warning.
+
+def converted_dir(gguf: Path, name: str | None = None) -> Path:
+    """The float32 safetensors directory converted from ``gguf`` (once, into the cache).
+
+    The conversion writes into a temporary directory renamed into place when complete, so an
+    interrupted conversion never leaves a broken cache. A cache whose manifest or files do not
+    match is rebuilt with a warning.
     """
-    gguf = _embedded_gguf()
-    target = cache_root() / "models" / f"{EMBEDDED_NAME}-{_gguf_id(gguf)}"
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {gguf} does not exist")
+    target = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_id(gguf)}"
     problem = _check_converted(target)
     if problem is None:
         return target
     if target.exists():
-        log.warning("embedded model cache %s is unusable (%s); converting again", target, problem)
-    log.info("converting the embedded model %s to safetensors in %s (once, ~20 s)", gguf.name, target)
+        log.warning("model cache %s is unusable (%s); converting again", target, problem)
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     _convert_gguf(gguf, target)
     return target
 
@@ -89,28 +96,65 @@ def _check_converted(path: Path) -> str | None:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF -> float32 safetensors + tokenizer, holding one float32 copy of the weights: the model is
+    built without parameters (accelerate's ``init_empty_weights``) and the dequantised tensors are
+    assigned to it, not copied."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf.parent), gguf.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it from a
-    # plain config (no quantization_config) and copy the dequantized weights over.
-    cfg = quantized.config.to_dict()
-    cfg.pop("quantization_config", None)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        cfg = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {e}") from e
+    cfg.pop("quantization_config", None)  # the dequantised model is a plain one
     cfg.pop("_name_or_path", None)
     config = AutoConfig.for_model(**cfg)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [k for k in missing if k not in ("lm_head.weight",)]  # tied to the embedding
+    with init_empty_weights(include_buffers=False):  # parameters on "meta", buffers (rotary) real
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=plain,
+                                   torch_dtype=torch.float32)["tensors"]
+    missing, unexpected = plain.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
+    tied = getattr(plain.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ModelLoadError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelLoadError(f"GGUF conversion of {gguf.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        plain.tie_weights()
+    meta = [n for n, p in plain.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ModelLoadError(f"GGUF conversion of {gguf.name}: no weights for {meta[:5]}")
     with atomic_path(target, directory=True) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in tmp.iterdir() if p.is_file()}
         (tmp / _MANIFEST).write_text(json.dumps(
             {"source": str(gguf.name), "conversion": _CONVERSION_VERSION, "files": files}, indent=1))
+
+
+def named_models() -> dict[str, str]:
+    """Models lmedit can load by name without a hub: {name: one line}."""
+    from lmedit.models.offline import OFFLINE_MODELS
+
+    out = {EMBEDDED_NAME: f"SmolLM2-135M-Instruct (Llama), the embedded default, from the {EMBEDDED_PACKAGE!r} wheel"}
+    out.update({m.name: m.summary for m in OFFLINE_MODELS.values()})
+    return out
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str | os.PathLike:
+    """What ``from_pretrained`` reads for a name (embedded, offline), a ``.gguf`` file or a directory."""
+    from lmedit.models.offline import OFFLINE_MODELS, offline_model_dir
+
+    if name_or_path in (None, EMBEDDED_NAME):
+        return embedded_model_dir()
+    if isinstance(name_or_path, str) and name_or_path in OFFLINE_MODELS:
+        return offline_model_dir(name_or_path)
+    if str(name_or_path).endswith(".gguf"):
+        return converted_dir(Path(name_or_path))
+    return name_or_path
 
 
 def load_model(
@@ -124,12 +168,14 @@ def load_model(
 
     Example: ``model, tok = load_model("gpt2-xl", dtype="bfloat16", device_map="auto")``
 
-    ``name_or_path`` is a local Hugging Face directory or a hub id (the hub only when online).
+    ``name_or_path`` is a named offline model (``lmedit list``: the embedded default,
+    ``"gemma-3-270m"``, ``"qwen2.5-1.5b"``), a local ``.gguf`` file (converted once into the cache), a
+    local Hugging Face directory or a hub id (the hub only when online).
     ``dtype`` and ``device_map`` go to ``from_pretrained``. The model is put in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = embedded_model_dir() if name_or_path is None else name_or_path
+    path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     kwargs: dict = {"dtype": dtype if dtype is not None else torch.float32}

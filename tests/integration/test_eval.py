@@ -279,3 +279,42 @@ def test_evaluate_requests_rejects_bad_kind_and_missing_true(tiny, cf_requests):
     no_true = EditRequest("The capital of {} is", "Xanadu", "Paris")
     with pytest.raises(ValueError, match="CounterFact metrics need target_true"):
         evaluate_requests(model, tok, [no_true])
+
+
+@needs_data
+def test_easyedit_metrics_by_hand(tiny, cf_requests, covariances):
+    """rewrite_acc / rephrase_acc: mean share of target_new tokens that are the argmax; locality:
+    share of neighbourhood answer positions whose argmax did not change with the edit."""
+    from lmedit.evaluate.runner import EasyEditMetrics
+
+    model, tok = tiny
+    reqs = cf_requests[:3]
+
+    def argmax_tokens(prompt, answer):
+        ids = continuation_tokens(tok, prompt, answer)
+        p = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + ids])).logits[0]
+        return logits[len(p) - 1:len(p) + len(ids) - 1].argmax(-1).tolist()
+
+    before = {id(r): [argmax_tokens(p, r.neighborhood_target) for p in r.neighborhood_prompts] for r in reqs}
+    ee = EasyEditMetrics(model, tok, reqs)
+    assert ee(model, tok, reqs)["locality"] == pytest.approx(100.0)
+    res = lmedit.edit(model, tok, reqs, method="emmet", layers=[1, 2], covariances=covariances(model, [1, 2]),
+                      v_num_grad_steps=10, context_templates=[[5, 1]])
+    try:
+        got = ee(model, tok, reqs)
+        acc = {"rewrite": [], "rephrase": []}
+        loc = []
+        for r in reqs:
+            for kind, prompts in (("rewrite", [r.text]), ("rephrase", r.paraphrase_prompts)):
+                acc[kind].append(sum(float(_by_hand(model, tok, p, r.target_new)[2].float().mean())
+                                     for p in prompts) / len(prompts))
+            now = [argmax_tokens(p, r.neighborhood_target) for p in r.neighborhood_prompts]
+            loc.append(sum(sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(before[id(r)], now)) / len(now))
+    finally:
+        res.undo()
+    assert got["rewrite_acc"] == pytest.approx(100 * sum(acc["rewrite"]) / len(reqs), abs=1e-6)
+    assert got["rephrase_acc"] == pytest.approx(100 * sum(acc["rephrase"]) / len(reqs), abs=1e-6)
+    assert got["locality"] == pytest.approx(100 * sum(loc) / len(reqs), abs=1e-6)
+    assert got["rewrite_acc"] > 50.0  # the edit shows in the token accuracy

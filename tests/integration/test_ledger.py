@@ -167,10 +167,13 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
     try:
         assert main(["edit", "--requests", str(tmp_path / "b0.json"), "--method", "encore", *sets, *common]) == 0
         first = json.loads(capsys.readouterr().out)
-        assert main(["edit", "--requests", str(tmp_path / "b1.json"), *common]) == 0
+        assert main(["edit", "--requests", str(tmp_path / "b1.json"), *common, "--save-lora", str(tmp_path / "lora")]) == 0
         second = json.loads(capsys.readouterr().out)
         assert main(["ledger", "show", str(tmp_path / "led"), "--model", str(tmp_path / "llama"), "--json"]) == 0
         shown = json.loads(capsys.readouterr().out)
+        assert main(["ledger", "lora", str(tmp_path / "led"), "--model", str(tmp_path / "llama"), "--json",
+                     "--out", str(tmp_path / "lora-cut"), "--lora-rank", "1"]) == 0
+        cut = json.loads(capsys.readouterr().out)
     finally:
         torch.set_num_threads(threads)
     assert first["ledger"] == {"path": str(tmp_path / "led"), "batches": 1, "requests": 1}
@@ -178,3 +181,16 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
     assert second["hparams"]["mom2_n_samples"] == 20 and second["hparams"]["layers"] == [1, 2]
     assert shown["batches"] == 2 and shown["requests"] == 2 and shown["methods"] == ["encore"]
     assert set(shown["relative_change"]) == {"1", "2"} and all(v > 0 for v in shown["relative_change"].values())
+    # --save-lora with a ledger exports both batches; `ledger lora --lora-rank 1` truncates them
+    total = Ledger.open(tmp_path / "led").total_deltas()
+    n = second["ledger"]["requests"]
+    assert all(1 < l["rank"] == l["full_rank"] <= n for l in second["lora"]["layers"])
+    assert second["lora"]["max_rel_error"] < 1e-6
+    assert all(l["rank"] == 1 < l["full_rank"] for l in cut["layers"]) and cut["max_rel_error"] > 0
+    peft = pytest.importorskip("peft")
+    adapter = lmedit.get_adapter(model)
+    merged = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "lora")).merge_and_unload()
+    for l in (1, 2):
+        want = adapter.weight(model, l).detach().double() + total[l]  # float32 rounding of W0 + the ledger
+        assert torch.allclose(adapter.weight(merged, l).detach().double(), want, rtol=0,
+                              atol=2 * torch.finfo(torch.float32).eps * float(want.abs().max()))

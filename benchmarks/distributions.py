@@ -1,0 +1,165 @@
+"""Every edit distribution with each objective, at one or more batch sizes, on the embedded model.
+
+Usage::
+
+    python benchmarks/distributions.py --batch-sizes 256 --methods emmet,memit \\
+        --distributions single,spread,joint,cascade,refit --out results/distributions
+
+Records are the first B of ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split:
+one rewrite, one paraphrase and one neighbourhood prompt per record), one batch, edited from the
+unedited model for every cell. Per method the target vectors are optimised once per batch and
+reused by every distribution (they depend only on the last layer). Hyperparameters: the embedded
+model's preset (lambda / ridge tuned on held-out records, see results/tuning).
+
+Per cell (one JSON each under ``<out>/b<B>/``; a finished cell is skipped when run again):
+ES / PS / NS / Score and magnitudes, the residual still missing at the last layer after the edit
+(relative to before: what the linear view of the distribution missed), per-layer update norms,
+the condition number of each layer's G_l = K_l^T M_l^-1 K_l (the B x B system EMMET inverts), and
+the time of keys, residual passes and solves. ``<out>/table.md`` and one PNG per metric against
+batch size (a line per method x distribution) summarise every cell found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit._fs import atomic_path
+from lmedit._runtime import configure_threads
+from lmedit.core.keys import residual_stream
+from lmedit.evaluate.experiment import METRIC_KEYS, format_table
+from lmedit.evaluate.runner import evaluate_requests
+
+DATA = "../shared/data/counterfact/counterfact_train_10000.json"
+
+
+def conditioning(editor, result) -> dict[int, float]:
+    """cond(K_l^T M_l^-1 K_l) per layer, with the keys the solves used (float64)."""
+    hp = editor.hparams
+    form = hp.joint_form()
+    systems = editor.systems(hp, editor.covariances())
+    out = {}
+    for layer, K in result.keys.items():
+        K64 = K.T.to(torch.float64)
+        G = K64.T @ form.metric_solve(K64, systems[layer])
+        ev = torch.linalg.eigvalsh(0.5 * (G + G.T))
+        out[layer] = float(ev[-1] / ev[0].clamp_min(1e-300))
+    return out
+
+
+def run_cell(editor, reqs, distribution, cached):
+    model, tok = editor.model, editor.tokenizer
+    t0 = time.perf_counter()
+    res = editor.edit(reqs, targets=cached, distribution=distribution)
+    edit_s = time.perf_counter() - t0
+    z_star = res.targets.targets
+    with torch.no_grad():
+        left = float((z_star - residual_stream(model, tok, editor.adapter, reqs, editor.hparams.layers[-1])).norm(dim=1).mean())
+    metrics = evaluate_requests(model, tok, reqs)
+    cond = conditioning(editor, res)
+    editor.undo()
+    with torch.no_grad():
+        before = float((z_star - residual_stream(model, tok, editor.adapter, reqs, editor.hparams.layers[-1])).norm(dim=1).mean())
+    return res, {
+        **{k: metrics[k] for k in METRIC_KEYS}, "residual_left": left / before, "edit_s": edit_s,
+        "timings": {k: res.timings.get(k, 0.0) for k in ("targets_s", "keys_s", "residual_s", "solve_s")},
+        "update_norm": {l: i["update_norm"] for l, i in res.layer_info[0].items()},
+        "relative_update": {l: i["update_norm"] / i["weight_norm"] for l, i in res.layer_info[0].items()},
+        "passes": max((i.get("passes", 1) for i in res.layer_info[0].values()), default=1),
+        "condition": cond,
+    }
+
+
+def summarise(out: Path) -> None:
+    rows = []
+    for cell in sorted(out.glob("b*/*.json")):
+        if cell.name == "pre.json":
+            continue
+        r = json.loads(cell.read_text())
+        rows.append({"batch": r["batch_size"], "method": r["method"], "distribution": r["distribution"],
+                     **{k: r[k] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score",
+                                          "residual_left")},
+                     "max_rel_update": max(r["relative_update"].values()),
+                     "max_cond": max(r["condition"].values()), "keys_s": r["timings"]["keys_s"]})
+    rows.sort(key=lambda r: (r["batch"], r["method"], r["distribution"]))
+    keys = list(rows[0]) if rows else []
+    table = format_table(rows, keys).replace("| max_cond |", "| max cond(G) |")
+    lines = [table, "", "residual_left: mean ||z* - z|| at the last layer after the edit over before it; "
+             "max_rel_update: largest ||dW_l|| / ||W_l||; max cond(G): largest condition number of K^T M^-1 K."]
+    for pre in sorted(out.glob("b*/pre.json")):
+        p = json.loads(pre.read_text())
+        lines.append(f"unedited, {pre.parent.name}: ES {p['efficacy_score']:.1f} PS {p['paraphrase_score']:.1f} "
+                     f"NS {p['neighborhood_score']:.1f}")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "residual_left"):
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for method in sorted({r["method"] for r in rows}):
+            for dist in sorted({r["distribution"] for r in rows}):
+                pts = sorted((r["batch"], r[metric]) for r in rows if r["method"] == method and r["distribution"] == dist)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {dist}",
+                            linestyle="-" if method == "emmet" else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png", dpi=110)
+        plt.close(fig)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--batch-sizes", default="256")
+    ap.add_argument("--methods", default="emmet,memit")
+    ap.add_argument("--distributions", default="single,spread,joint,cascade,refit")
+    ap.add_argument("--out", default="results/distributions")
+    args = ap.parse_args()
+    configure_threads()
+    out = Path(args.out)
+    model, tok = lmedit.load_model()
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        reqs = lmedit.load_requests(args.data, limit=bs)
+        cell_dir = out / f"b{bs}"
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        if not (cell_dir / "pre.json").exists():
+            pre = evaluate_requests(model, tok, reqs)
+            (cell_dir / "pre.json").write_text(json.dumps({k: pre[k] for k in METRIC_KEYS}, indent=1))
+        for method in args.methods.split(","):
+            editor = lmedit.Editor(model, tok, method)
+            cached = None
+            for dist in args.distributions.split(","):
+                cell = cell_dir / f"{method}_{dist}.json"
+                if cell.exists():
+                    print(f"skip {cell}", flush=True)
+                    continue
+                res, row = run_cell(editor, reqs, dist, cached)
+                cached = res.targets
+                row.update(method=method, distribution=dist, batch_size=bs, n=len(reqs), data=args.data,
+                           hparams={"preset": editor.preset, **editor.hparams.to_dict()},
+                           lmedit_version=lmedit.__version__,
+                           command=f"python benchmarks/distributions.py --batch-sizes {args.batch_sizes} "
+                                   f"--methods {args.methods} --distributions {args.distributions} --out {args.out}")
+                with atomic_path(cell) as tmp:
+                    tmp.write_text(json.dumps(row, indent=1))
+                print(f"b{bs} {method:6s} {dist:8s} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "
+                      f"NS {row['neighborhood_score']:5.1f} S {row['score']:5.1f} left {row['residual_left']:.3f} "
+                      f"edit {row['edit_s']:.0f} s", flush=True)
+    summarise(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,9 +21,10 @@ from lmedit.core.distribute import register_distribution
 from lmedit.editor import Editor, EditResult, EditState
 from lmedit.api import apply_deltas, edit
 from lmedit import easyedit  # EasyEdit request fields and hyperparameter files
+from lmedit.tracing import load_facts, trace
 
 __all__ = [
     "__version__", "load_model", "load_requests", "EditRequest", "Editor", "EditResult", "EditState", "edit",
-    "apply_deltas", "easyedit", "resolve_hparams", "register_distribution", "get_adapter", "register_adapter", "LmeditError", "RequestError",
+    "apply_deltas", "easyedit", "trace", "load_facts", "resolve_hparams", "register_distribution", "get_adapter", "register_adapter", "LmeditError", "RequestError",
     "SolveError", "CacheError", "HyperparameterError", "ModelLoadError", "UnsupportedArchitectureError",
 ]

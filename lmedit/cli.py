@@ -1,4 +1,4 @@
-"""Command line: ``lmedit demo | edit | eval | sweep | list | ledger show|lora``; a thin layer over the library.
+"""Command line: ``lmedit demo | edit | eval | sweep | trace | list | ledger show|lora``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
 (``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
     _lora_args(q, "--out", "the adapter directory to write", required=True)
     q.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("trace", help="causal tracing: where the model recalls facts, and which layers to edit")
+    p.add_argument("--model", default=None, help="a named model, a .gguf file, a local HF directory (default: embedded)")
+    p.add_argument("--data", required=True, help="facts: ROME's known_1209.json or a JSON list of {prompt, subject, answer}")
+    p.add_argument("--n", type=int, default=None, help="trace the first N facts")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (ROME: 3)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for MLP / attention (ROME: 10)")
+    p.add_argument("--kinds", default="hidden,mlp,attn", help="what to restore: hidden, mlp, attn")
+    p.add_argument("--dtype-compute", default="auto", help="dtype of the passes: auto (bfloat16 where native), model, "
+                   "float32, bfloat16")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="write trace.json and heatmap PNGs here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("list", help="methods, distributions and models, one line each")
     p.add_argument("--json", action="store_true", help='{"methods": [...], "distributions": [...], "models": [...]}')
@@ -290,6 +305,30 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import lmedit
+
+    facts = lmedit.load_facts(args.data, limit=args.n)
+    model, tok = lmedit.load_model(args.model)
+    result = lmedit.trace(model, tok, facts, samples=args.samples, noise=args.noise, window=args.window,
+                          kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+                          compute_dtype=args.dtype_compute, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        result.save(args.out)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{summary['facts']} facts traced ({summary['skipped']} skipped: not predicted by the model) in "
+          f"{summary['seconds']:.0f} s; mean P(answer) clean {summary['mean_p_clean']:.3f}, corrupted "
+          f"{summary['mean_p_corrupted']:.3f}")
+    effect = summary["mlp_effect_at_last_subject_token"]
+    print("MLP indirect effect at the last subject token, per layer:")
+    print("  " + " ".join(f"{l}:{e:.3f}" for l, e in enumerate(effect)))
+    print(f"suggested layers: {summary['suggested_layers']}" + (f" (plots in {args.out})" if args.out else ""))
+    return 0
+
+
 def cmd_list(args) -> int:
     from lmedit.core.distribute import distribution_names, get_distribution
     from lmedit.methods import get_method, method_names
@@ -446,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     from lmedit.errors import LmeditError
 
-    handlers = {"edit": cmd_edit, "list": cmd_list, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
+    handlers = {"edit": cmd_edit, "list": cmd_list, "trace": cmd_trace, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -198,6 +198,8 @@ class Editor:
         groups = self.context(hp)
         if hp.chat_prompts == "on" or (hp.chat_prompts == "auto" and has_chat_template(self.tokenizer)):
             groups = groups + chat_groups(self.tokenizer, groups)
+        elif hp.chat_prompts == "bare":
+            groups = groups + chat_groups(self.tokenizer, groups[:1])
         return groups
 
     def systems(self, hp: EditHParams, C: dict[int, torch.Tensor],

@@ -114,7 +114,33 @@ class Trace:
         return exc_type is StopForward
 
 
-class AddAtPositions:
+class _OutputHook:
+    """A forward hook on one module that rewrites its output, alive inside a ``with`` block."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _rewrite(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hook(self, module, args, output):
+        hidden = self._rewrite(_first_tensor(output))
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        return hidden
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class AddAtPositions(_OutputHook):
     """Add ``delta`` (B, d) to a module's output at token ``positions`` (B,) of each row.
 
     Example: ``with AddAtPositions(block, delta, pos): logits = model(ids).logits``
@@ -123,27 +149,31 @@ class AddAtPositions:
     """
 
     def __init__(self, module: nn.Module, delta: torch.Tensor, positions: torch.Tensor) -> None:
-        self.module, self.delta, self.positions = module, delta, positions
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        super().__init__(module)
+        self.delta, self.positions = delta, positions
 
-    def _hook(self, module, args, output):
-        hidden = _first_tensor(output)
+    def _rewrite(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         update = torch.zeros_like(hidden)
         update[rows, self.positions.to(hidden.device)] = self.delta.to(hidden.dtype)
-        hidden = hidden + update
-        if isinstance(output, tuple):
-            return (hidden, *output[1:])
+        return hidden + update
+
+
+class SetAtPositions(_OutputHook):
+    """Overwrite a module's output at token ``positions`` (B,) of each row with ``values`` (B, d).
+
+    Example: ``with SetAtPositions(mlp, clean_out, pos): model(ids)  # causal tracing's restoration``
+    """
+
+    def __init__(self, module: nn.Module, values: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__(module)
+        self.values, self.positions = values, positions
+
+    def _rewrite(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden[rows, self.positions.to(hidden.device)] = self.values.to(hidden.device, hidden.dtype)
         return hidden
-
-    def __enter__(self) -> "AddAtPositions":
-        self._handle = self.module.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
 
 class ReplaceInput:

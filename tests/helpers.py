@@ -160,8 +160,10 @@ def layers_for(method: str) -> list[int]:
 
 def edit_kwargs(method: str) -> dict:
     """A strong edit for a random model: 12 Adam steps, ||delta|| up to 4 ||init||, small lambda for MEMIT."""
+    # chat_prompts off: the tokenizer has a chat template, but a random model is no instruct model
+    # (tests/integration/test_chat.py covers the chat form)
     kw = dict(layers=layers_for(method), v_num_grad_steps=12, v_lr=0.5, clamp_norm_factor=4.0,
-              context_templates=[[5, 2]])
+              context_templates=[[5, 2]], chat_prompts="off")
     if method == "memit":
         kw["mom2_update_weight"] = 1.0  # MEMIT's GPT-J lambda (15000) barely moves a random model
     return kw

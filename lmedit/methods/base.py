@@ -40,10 +40,11 @@ class EditHParams(TargetConfig):
     mom2_adjustment: bool = param(True, "False: C = I (no statistics; as EasyEdit's Llama ROME file)")
     mom2_update_weight: float = param(1.0, "lambda, the weight of the preserved keys' C", gt=0)
 
-    chat_prompts: str = param("off", "also optimise the targets (and read the keys) with every context template "
+    chat_prompts: str = param("auto", "also optimise the targets (and read the keys) with every context template "
                               "inside the user turn of the tokenizer's chat template, the answer in the assistant "
-                              "turn: 'on', 'off', or 'auto' (on when the tokenizer has a chat template)",
-                              choices=("off", "on", "auto"))
+                              "turn: 'on', 'off', 'auto' (on when the tokenizer has a chat template), or 'bare' "
+                              "(only the bare prompt in the chat form: fewer rows)",
+                              choices=("off", "on", "auto", "bare"))
     distribution: str = param("spread", "how the residual is shared among the layers: a registered distribution "
                               "(single, spread, joint, cascade, refit; `lmedit list`)")
     refit_base: str = param("spread", "with distribution='refit': the distribution each pass runs")

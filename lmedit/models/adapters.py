@@ -34,6 +34,7 @@ class ModelAdapter:
     final_norm: str  # final norm before the unembedding, from the model root
     unembed: str  # the unembedding (lm head), from the model root
     layout: WeightLayout  # storage of the edited weight: "out_in" (nn.Linear) or "in_out" (Conv1D)
+    attn: str | None = None  # the attention, relative to a block (causal tracing restores its output)
 
     def __post_init__(self) -> None:
         if self.layout not in ("out_in", "in_out"):
@@ -59,6 +60,11 @@ class ModelAdapter:
 
     def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
         return self.resolve(self.block(model, layer), self.mlp)
+
+    def attn_module(self, model: nn.Module, layer: int) -> nn.Module:
+        if self.attn is None:
+            raise UnsupportedArchitectureError(f"adapter {self.model_type!r} names no attention module (attn=...)")
+        return self.resolve(self.block(model, layer), self.attn)
 
     def unembed_module(self, model: nn.Module) -> nn.Module:
         """The lm head: the declared path, else ``get_output_embeddings()`` (renamed across transformers
@@ -123,7 +129,7 @@ class ModelAdapter:
 
 _LLAMA_LIKE = dict(
     blocks="model.layers", edit="mlp.down_proj", mlp="mlp", final_norm="model.norm",
-    unembed="lm_head", layout="out_in",
+    unembed="lm_head", layout="out_in", attn="self_attn",
 )
 
 _REGISTRY: dict[str, ModelAdapter] = {}
@@ -172,11 +178,11 @@ def get_adapter(model_or_type: nn.Module | str) -> ModelAdapter:
 
 for _adapter in (
     ModelAdapter("gpt2", blocks="transformer.h", edit="mlp.c_proj", mlp="mlp",
-                 final_norm="transformer.ln_f", unembed="lm_head", layout="in_out"),
+                 final_norm="transformer.ln_f", unembed="lm_head", layout="in_out", attn="attn"),
     ModelAdapter("gptj", blocks="transformer.h", edit="mlp.fc_out", mlp="mlp",
-                 final_norm="transformer.ln_f", unembed="lm_head", layout="out_in"),
+                 final_norm="transformer.ln_f", unembed="lm_head", layout="out_in", attn="attn"),
     ModelAdapter("gpt_neox", blocks="gpt_neox.layers", edit="mlp.dense_4h_to_h", mlp="mlp",
-                 final_norm="gpt_neox.final_layer_norm", unembed="lm_head", layout="out_in"),
+                 final_norm="gpt_neox.final_layer_norm", unembed="lm_head", layout="out_in", attn="attention"),
     *(ModelAdapter(t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3")),
 ):
     register_adapter(_adapter)

@@ -47,3 +47,28 @@ def test_preset_edits_16_counterfact_records(embedded, method):
     finally:
         result.undo()
     assert_same(model, before)
+
+
+@needs_data
+def test_chat_form_editing_lands_in_the_chat_template(embedded):
+    """The embedded model is an instruct model: by default (chat_prompts="auto") its edits are also
+    optimised through its chat template, and the edited facts answer there."""
+    from lmedit.evaluate.runner import record_scores
+
+    model, tok = embedded
+    requests = lmedit.load_requests(COUNTERFACT_500, limit=8)
+
+    def chat_wins() -> int:
+        return sum(rec.rewrite[0].nll_new < rec.rewrite[0].nll_true
+                   for rec in record_scores(model, tok, requests, chat=True))
+
+    wins = {}
+    for mode in ("auto", "off"):
+        result = lmedit.edit(model, tok, requests, method="emmet", chat_prompts=mode, **FAST)
+        try:
+            wins[mode] = chat_wins()
+            if mode == "auto":
+                assert len(result.editor.template_groups()) == 2 * len(result.editor.context())
+        finally:
+            result.undo()
+    assert wins["auto"] >= 7 and wins["auto"] >= wins["off"], wins

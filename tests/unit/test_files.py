@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 
 import pytest
@@ -40,7 +41,7 @@ def test_atomic_directory_replaces_only_when_complete(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_converted_model_cache_check(tmp_path):
+def test_converted_model_cache_check(tmp_path, monkeypatch):
     d = tmp_path / "smollm"
     d.mkdir()
     assert _check_converted(d) == "no manifest"
@@ -50,8 +51,14 @@ def test_converted_model_cache_check(tmp_path):
     entry = {"size": 10, "sha256": hashlib.sha256(b"x" * 10).hexdigest()}
     (d / "lmedit-manifest.json").write_text(json.dumps({"files": {"model.safetensors": entry}}))
     assert _check_converted(d) is None
+    st = (d / "model.safetensors").stat()
     (d / "model.safetensors").write_bytes(b"x" * 9 + b"y")  # same size, one byte flipped
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime: checked in full
     assert "fails its sha256" in _check_converted(d)
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as verified:
+    assert _check_converted(d) is None  # trusted without hashing (the single-fact start-up path) ...
+    monkeypatch.setenv("LMEDIT_VERIFY", "1")
+    assert "fails its sha256" in _check_converted(d)  # ... unless a full check is asked for
     (d / "model.safetensors").write_bytes(b"x" * 4)  # truncated
     assert "wrong size" in _check_converted(d)
     (d / "lmedit-manifest.json").write_text("{not json")

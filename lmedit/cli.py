@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trace", help="causal tracing: where the model recalls facts, and which layers to edit")
     p.add_argument("--model", default=None, help="a named model, a .gguf file, a local HF directory (default: embedded)")
     p.add_argument("--data", required=True, help="facts: ROME's known_1209.json or a JSON list of {prompt, subject, answer}")
-    p.add_argument("--n", type=int, default=None, help="trace the first N facts")
+    p.add_argument("--n", type=int, default=None, help="trace the first N facts the model knows (others are skipped)")
     p.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (ROME: 3)")
     p.add_argument("--window", type=int, default=10, help="layers restored together for MLP / attention (ROME: 10)")
@@ -308,9 +308,9 @@ def cmd_edit(args) -> int:
 def cmd_trace(args) -> int:
     import lmedit
 
-    facts = lmedit.load_facts(args.data, limit=args.n)
+    facts = lmedit.load_facts(args.data)
     model, tok = lmedit.load_model(args.model)
-    result = lmedit.trace(model, tok, facts, samples=args.samples, noise=args.noise, window=args.window,
+    result = lmedit.trace(model, tok, facts, limit=args.n, samples=args.samples, noise=args.noise, window=args.window,
                           kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
                           compute_dtype=args.dtype_compute, seed=args.seed, progress=not args.quiet)
     if args.out:
@@ -323,8 +323,9 @@ def cmd_trace(args) -> int:
           f"{summary['seconds']:.0f} s; mean P(answer) clean {summary['mean_p_clean']:.3f}, corrupted "
           f"{summary['mean_p_corrupted']:.3f}")
     effect = summary["mlp_effect_at_last_subject_token"]
-    print("MLP indirect effect at the last subject token, per layer:")
-    print("  " + " ".join(f"{l}:{e:.3f}" for l, e in enumerate(effect)))
+    if effect is not None:
+        print("MLP indirect effect at the last subject token, per layer:")
+        print("  " + " ".join(f"{l}:{e:.3f}" for l, e in enumerate(effect)))
     print(f"suggested layers: {summary['suggested_layers']}" + (f" (plots in {args.out})" if args.out else ""))
     return 0
 

@@ -92,13 +92,14 @@ class TraceResult:
                     counts[c] += 1
         return sums / counts.clamp_min(1)
 
-    def mlp_at_last_subject(self) -> list[float]:
+    def mlp_at_last_subject(self) -> list[float] | None:
         """Per layer, the average indirect effect of restoring the MLP outputs at the last subject token."""
-        return self.by_category("mlp")[2].tolist()
+        return self.by_category("mlp")[2].tolist() if "mlp" in self.settings.get("kinds", KINDS) else None
 
     def suggested_layers(self, n: int = 5) -> list[int]:
-        """The ``n`` consecutive layers whose MLP effect at the last subject token sums highest."""
-        effect = self.mlp_at_last_subject()
+        """The ``n`` consecutive layers whose MLP effect at the last subject token sums highest
+        (with the hidden-state effect when MLP outputs were not traced)."""
+        effect = self.by_category("mlp" if "mlp" in self.settings.get("kinds", KINDS) else "hidden")[2].tolist()
         n = min(n, self.n_layers)
         best = max(range(self.n_layers - n + 1), key=lambda s: sum(effect[s:s + n]))
         return list(range(best, best + n))
@@ -251,8 +252,8 @@ class _Tracer:
                     h_in[torch.arange(P * S), rows_pos] = clean.outputs[f"h{layer}"][0, rows_pos]
                     out = self._run(batch_ids, layer + 1, h_in, None)
                 else:
-                    lo = max(0, min(layer - self.window // 2, L - self.window))
-                    hi = min(L, lo + self.window)
+                    # ROME's window: centred on the layer, cut (not shifted) at the first and last layers
+                    lo, hi = max(0, layer - self.window // 2), min(L, layer - (-self.window // 2))
                     prefix = kind[0]
                     sets = [SetAtPositions(self.adapter.mlp_module(self.model, l) if kind == "mlp" else
                                            self.adapter.attn_module(self.model, l),
@@ -276,8 +277,9 @@ def embedding_std(model: nn.Module, tokenizer, subjects: Sequence[str]) -> float
 @torch.no_grad()
 def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 10, noise: float = 3.0,
           window: int = 10, kinds: Sequence[str] = KINDS, compute_dtype: str = "auto", seed: int = 1,
-          progress: bool = False) -> TraceResult:
-    """Causal tracing of ``facts`` (see the module docstring); facts the model does not know are skipped."""
+          limit: int | None = None, progress: bool = False) -> TraceResult:
+    """Causal tracing of ``facts`` (see the module docstring); facts the model does not know are
+    skipped, and ``limit`` stops after that many facts were traced."""
     from tqdm.auto import tqdm
 
     bad = [k for k in kinds if k not in KINDS]
@@ -292,12 +294,17 @@ def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 
     traces, skipped = [], []
     with working_copy(model, compute_dtype) as work:
         tracer = _Tracer(work, tokenizer, adapter, samples, min(window, adapter.n_layers(model)), kinds, gen)
-        for fact in tqdm(facts, desc="causal tracing", unit="fact", disable=not progress):
+        bar = tqdm(total=limit or len(facts), desc="causal tracing", unit="fact", disable=not progress)
+        for fact in facts:
+            if limit is not None and len(traces) >= limit:
+                break
             got = tracer.trace(fact, noise * std)
+            bar.update(0 if isinstance(got, str) else 1)
             if isinstance(got, str):
                 skipped.append({"prompt": fact.text, "why": got})
             else:
                 traces.append(got)
+        bar.close()
     settings = {"samples": samples, "noise": noise, "noise_std": noise * std, "window": window, "kinds": list(kinds),
                 "compute_dtype": compute_dtype, "seed": seed}
     return TraceResult(traces, adapter.n_layers(model), skipped, settings, time.perf_counter() - t0)

@@ -85,6 +85,7 @@ class Pieces:
     info: dict[int, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0})
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the K its (last) solve used
+    written: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of this batch's writes
 
     def keys_at(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """{layer: K (B, d_in)} with the weights as they are now (one forward pass)."""
@@ -121,9 +122,10 @@ class Pieces:
         """W_layer += dW, with the diagnostics (``missing``: the residual the solve saw, before any share)."""
         self.tx.add(layer, dW)
         self.keys[layer] = K
+        self.written[layer] = dW + self.written[layer] if layer in self.written else dW
         self.info[layer] = {
             "residual_norm": float(missing.norm(dim=1).mean()),
-            "update_norm": float(dW.norm()),
+            "update_norm": float(self.written[layer].norm()),  # all passes of this batch (refit)
             "weight_norm": float(self.adapter.weight(self.model, layer).detach().float().norm()),
         }
         log.debug("layer %d: %s", layer, self.info[layer])

@@ -14,7 +14,8 @@ import lmedit
 from helpers import COUNTERFACT_500, assert_same, changed, needs_data, snapshot, teacher_forced_logprobs
 
 pytestmark = pytest.mark.slow
-FAST = dict(mom2_n_samples=500, mom2_forward_dtype="bfloat16", compute_dtype="bfloat16")
+# chat_prompts off: these check the presets on plain prompts (test_chat_form_editing... covers the chat form)
+FAST = dict(mom2_n_samples=500, mom2_forward_dtype="bfloat16", compute_dtype="bfloat16", chat_prompts="off")
 
 
 def test_knows_paris(embedded):
@@ -64,7 +65,7 @@ def test_chat_form_editing_lands_in_the_chat_template(embedded):
 
     wins = {}
     for mode in ("auto", "off"):
-        result = lmedit.edit(model, tok, requests, method="emmet", chat_prompts=mode, **FAST)
+        result = lmedit.edit(model, tok, requests, method="emmet", **{**FAST, "chat_prompts": mode})
         try:
             wins[mode] = chat_wins()
             if mode == "auto":

@@ -87,6 +87,37 @@ def _lora_args(p: argparse.ArgumentParser, flag: str, help_text: str, required: 
                    help="smallest rank per layer whose relative Frobenius error is at most E, e.g. 0.01")
 
 
+def _ledger_parser(sub) -> None:
+    p = sub.add_parser("ledger", help="inspect an edit ledger, or export it as a LoRA adapter")
+    lsub = p.add_subparsers(dest="ledger_command", required=True)
+    q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the base model, for relative norm growth (default: embedded)")
+    q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("lora", help="export the sum of every batch as a peft LoRA adapter directory")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
+    _lora_args(q, "--out", "the adapter directory to write", required=True)
+    q.add_argument("--json", action="store_true")
+
+
+def _trace_parser(sub) -> None:
+    p = sub.add_parser("trace", help="causal tracing: where the model recalls facts, and which layers to edit")
+    p.add_argument("--model", default=None, help="a named model, a .gguf file, a local HF directory (default: embedded)")
+    p.add_argument("--data", required=True, help="facts: ROME's known_1209.json or a JSON list of {prompt, subject, answer}")
+    p.add_argument("--n", type=int, default=None, help="trace the first N facts the model knows (others are skipped)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (ROME: 3)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for MLP / attention (ROME: 10)")
+    p.add_argument("--kinds", default="hidden,mlp,attn", help="what to restore: hidden, mlp, attn")
+    p.add_argument("--dtype-compute", default="auto", help="dtype of the passes: auto (bfloat16 where native), model, "
+                   "float32, bfloat16")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="write trace.json and heatmap PNGs here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmedit", description="Edit facts in Hugging Face causal LMs (ROME, MEMIT, EMMET).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,32 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _lora_args(p, "--save-lora", "write the edit as a peft LoRA adapter directory (with --ledger: every batch of it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    p = sub.add_parser("ledger", help="inspect an edit ledger, or export it as a LoRA adapter")
-    lsub = p.add_subparsers(dest="ledger_command", required=True)
-    q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
-    q.add_argument("path")
-    q.add_argument("--model", default=None, help="the base model, for relative norm growth (default: embedded)")
-    q.add_argument("--json", action="store_true")
-    q = lsub.add_parser("lora", help="export the sum of every batch as a peft LoRA adapter directory")
-    q.add_argument("path")
-    q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
-    _lora_args(q, "--out", "the adapter directory to write", required=True)
-    q.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("trace", help="causal tracing: where the model recalls facts, and which layers to edit")
-    p.add_argument("--model", default=None, help="a named model, a .gguf file, a local HF directory (default: embedded)")
-    p.add_argument("--data", required=True, help="facts: ROME's known_1209.json or a JSON list of {prompt, subject, answer}")
-    p.add_argument("--n", type=int, default=None, help="trace the first N facts the model knows (others are skipped)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (ROME: 3)")
-    p.add_argument("--window", type=int, default=10, help="layers restored together for MLP / attention (ROME: 10)")
-    p.add_argument("--kinds", default="hidden,mlp,attn", help="what to restore: hidden, mlp, attn")
-    p.add_argument("--dtype-compute", default="auto", help="dtype of the passes: auto (bfloat16 where native), model, "
-                   "float32, bfloat16")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default=None, help="write trace.json and heatmap PNGs here")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _ledger_parser(sub)
+    _trace_parser(sub)
 
     p = sub.add_parser("list", help="methods, distributions and models, one line each")
     p.add_argument("--json", action="store_true", help='{"methods": [...], "distributions": [...], "models": [...]}')

@@ -87,8 +87,10 @@ def summarise(out: Path) -> None:
                      "max_rel_update": max(r["relative_update"].values()),
                      "max_cond": max(r["condition"].values()), "keys_s": r["timings"]["keys_s"]})
     rows.sort(key=lambda r: (r["batch"], r["method"], r["distribution"]))
+    table_rows = [{**r, "residual_left": f"{r['residual_left']:.3f}", "max_rel_update": f"{r['max_rel_update']:.3f}"}
+                  for r in rows]
     keys = list(rows[0]) if rows else []
-    table = format_table(rows, keys).replace("| max_cond |", "| max cond(G) |")
+    table = format_table(table_rows, keys).replace("| max_cond |", "| max cond(G) |")
     lines = [table, "", "residual_left: mean ||z* - z|| at the last layer after the edit over before it; "
              "max_rel_update: largest ||dW_l|| / ||W_l||; max cond(G): largest condition number of K^T M^-1 K."]
     for pre in sorted(out.glob("b*/pre.json")):

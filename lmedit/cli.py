@@ -76,6 +76,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(ROME, MEMIT, EMMET, AlphaEdit); its alg_name gives the method (see docs/easyedit.md)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter, e.g. --set mom2_update_weight=1500 (repeatable)")
+    p.add_argument("--stats-dir", default=None, metavar="DIR", help="where statistics are cached and looked for "
+                   "(default: lmedit's cache; `lmedit stats --out DIR` writes one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
 
 
@@ -118,6 +120,33 @@ def _trace_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _stats_parser(sub) -> None:
+    p = sub.add_parser("stats", help="compute and cache the statistics C = E[k k^T] of edited layers "
+                       "(data parallel under torchrun; --shard/--merge for schedulers)")
+    p.add_argument("--model", default=None, help="local HF directory, named offline model or .gguf (default: embedded)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto")
+    p.add_argument("--method", default="emmet", help="whose preset gives the defaults below (default emmet)")
+    p.add_argument("--preset", default=None, help="hyperparameter preset (default: matched from the architecture)")
+    p.add_argument("--layers", type=_parse_layers, default=None, help="layers, e.g. 4-8 (default: the preset's)")
+    p.add_argument("--n-samples", type=int, default=None, help="texts of the corpus (default: the preset's)")
+    p.add_argument("--corpus", default=None, help="wikipedia-excerpt, wikipedia or a .txt/.jsonl file (default: the preset's)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the preset's)")
+    p.add_argument("--accumulate", default=None, choices=["float64", "float32"], help="accumulation dtype (default: the preset's)")
+    p.add_argument("--forward-dtype", default=None, help="dtype of the forward pass: model, auto, float32, bfloat16 "
+                   "(default: the preset's)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per forward pass (part of the plan "
+                   "that shards share)")
+    p.add_argument("--out", default=None, metavar="DIR", help="statistics directory to write (default: lmedit's "
+                   "cache); give it to edit/eval with --stats-dir; with --shard, the directory of partial sums")
+    p.add_argument("--shard", default=None, metavar="I/N", help="compute only shard I of N (0-based) and write "
+                   "checksummed partial sums to --out")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="combine the partial sums in these "
+                   "directories (all N shards, one plan) into statistics in --out; loads no model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmedit", description="Edit facts in Hugging Face causal LMs (ROME, MEMIT, EMMET).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _ledger_parser(sub)
     _trace_parser(sub)
+    _stats_parser(sub)
 
     p = sub.add_parser("list", help="methods, distributions and models, one line each")
     p.add_argument("--json", action="store_true", help='{"methods": [...], "distributions": [...], "models": [...]}')
@@ -149,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data", required=True, help="data file")
     p.add_argument("--format", default=None, help="counterfact, easyedit, zsre or plain (default: detected)")
-    p.add_argument("--n", type=int, default=None, help="number of records")
+    p.add_argument("--n", "--limit", dest="n", type=int, default=None, help="number of records (--limit under "
+                   "torchrun, whose own options make --n ambiguous)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequential", action="store_true", help="let batches accumulate (sequential batched editing)")
     p.add_argument("--generation", action="store_true", help="also measure generation entropy (fluency)")
@@ -166,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,16,64,256")
     p.add_argument("--data", required=True)
     p.add_argument("--format", default=None)
-    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--n", "--limit", dest="n", type=int, default=None, help="number of records (--limit under torchrun)")
     p.add_argument("--out", default="sweep")
     p.add_argument("--set-method", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="override a hyperparameter for one method only, e.g. memit:mom2_update_weight=1500")
@@ -218,21 +249,21 @@ def _hparams(args):
 
 
 def _editor(model, tok, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
-            ledger: str | None = None, hparams=None):
+            ledger: str | None = None, hparams=None, stats_dir: str | None = None):
     """A new Editor, or (with ``ledger`` naming an existing ledger) one with the ledger replayed."""
     import lmedit
 
     if ledger and (Path(ledger) / "manifest.json").exists():
         if hparams is not None:
             raise ValueError("--easyedit-hparams applies to a new ledger only (an existing one carries its own settings)")
-        return lmedit.Editor.load(model, tok, ledger, method, progress=progress, **overrides)
+        return lmedit.Editor.load(model, tok, ledger, method, progress=progress, stats_dir=stats_dir, **overrides)
     return lmedit.Editor(model, tok, method, hparams=hparams, preset=preset, progress=progress, ledger=ledger,
-                         keep_history=ledger is None, **overrides)
+                         keep_history=ledger is None, stats_dir=stats_dir, **overrides)
 
 
 def _edit_report(model, tok, requests, method: str, preset: str | None, overrides: dict[str, Any], progress: bool,
-                 ledger: str | None = None, hparams=None):
-    editor = _editor(model, tok, method, preset, overrides, progress, ledger, hparams)
+                 ledger: str | None = None, hparams=None, stats_dir: str | None = None):
+    editor = _editor(model, tok, method, preset, overrides, progress, ledger, hparams, stats_dir)
     pre = _probe(model, tok, requests)
     result = editor.edit(requests)
     post = _probe(model, tok, requests)
@@ -285,7 +316,7 @@ def cmd_edit(args) -> int:
     overrides = _overrides(args)
     model, tok = _load(args)
     result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
-                                  ledger=args.ledger, hparams=_hparams(args))
+                                  ledger=args.ledger, hparams=_hparams(args), stats_dir=args.stats_dir)
     if args.ledger:
         report["ledger"] = {"path": args.ledger, "batches": len(result.editor.ledger.batches),
                             "requests": result.editor.ledger.n_requests}
@@ -309,6 +340,60 @@ def cmd_edit(args) -> int:
         print(json.dumps(report, indent=1))
     else:
         _print_table(report)
+    return 0
+
+
+def cmd_stats(args) -> int:
+    import time
+
+    from lmedit.core import stats as st
+
+    t0 = time.perf_counter()
+    if args.merge:
+        if args.out is None or args.shard:
+            raise _UsageError("--merge needs --out DIR (where the statistics go) and no --shard")
+        merged = st.merge_partials(st.load_partials(args.merge))
+        paths = st.write_moments(args.out, merged.plan, merged.moments())
+        report = {"mode": "merge", "plan": merged.plan.meta(), "tokens": merged.count, "files": [str(p) for p in paths]}
+    else:
+        from lmedit.models.adapters import get_adapter
+        from lmedit.presets import resolve_hparams
+
+        if args.shard and args.out is None:
+            raise _UsageError("--shard needs --out DIR for the partial sums")
+        model, tok = _load(args)
+        adapter = get_adapter(model)
+        _, hp = resolve_hparams(model, args.method, args.preset)
+        kw = dict(corpus=args.corpus or hp.mom2_corpus, n_samples=args.n_samples or hp.mom2_n_samples,
+                  max_length=args.max_length or hp.mom2_max_length, dtype=args.accumulate or hp.mom2_dtype,
+                  forward_dtype=args.forward_dtype or hp.mom2_forward_dtype, max_tokens=args.max_tokens)
+        layers = args.layers or list(hp.layers)
+        for layer in layers:
+            adapter.block(model, layer)  # range check before any work
+        if args.shard:
+            shard = st.parse_shard(args.shard)
+            plan = st.make_plan(model, layers, **kw)
+            part = st.accumulate(model, tok, adapter, plan, corpus=kw["corpus"], shard=shard, checkpoint_dir=args.out,
+                                 progress=not args.quiet)
+            path = part.save(args.out)
+            report = {"mode": "shard", "shard": args.shard, "plan": plan.meta(), "tokens": part.count, "files": [str(path)]}
+        else:
+            from lmedit.distributed import rank_world
+
+            st.second_moments(model, tok, adapter, layers, cache_dir=args.out, progress=not args.quiet, **kw)
+            plan = st.make_plan(model, layers, **kw)
+            root = args.out or st.cache_root() / "stats"
+            report = {"mode": "full", "world_size": rank_world()[1], "plan": plan.meta(),
+                      "files": [str(st.stat_path(root, plan.layer_meta(l))) for l in layers]}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        plan = report["plan"]
+        print(f"statistics ({report['mode']}) of {plan['model']}, layers {plan['layers']}, {plan['n_samples']} texts of "
+              f"{plan['corpus']}, forward {plan['forward_dtype']}, accumulated in {plan['dtype']}: {report['seconds']} s")
+        for f in report["files"]:
+            print(f"  {f}")
     return 0
 
 
@@ -385,7 +470,7 @@ def cmd_eval(args) -> int:
     out = run_eval(model, tok, requests, method=args.method or (None if hp is not None else "emmet"), hparams=hp,
                    batch_size=args.batch_size, sequential=args.sequential,
                    kind=kind, generation=args.generation, chat=args.chat, easyedit=args.easyedit, model_name=args.model or DEFAULT_MODEL_NAME,
-                   progress=not args.quiet, preset=args.preset, **_overrides(args))
+                   progress=not args.quiet, preset=args.preset, stats_dir=args.stats_dir, **_overrides(args))
     if args.out:
         from lmedit._fs import atomic_path
 
@@ -475,8 +560,12 @@ def cmd_sweep(args) -> int:
     model, tok = _load(args)
     rows = run_sweep(model, tok, requests, methods=methods, batch_sizes=sizes, out_dir=args.out,
                      kind=kind, model_name=args.model or DEFAULT_MODEL_NAME, preset=args.preset,
-                     method_overrides=per_method, progress=not args.quiet, **_overrides(args))
-    print((Path(args.out) / "table.md").read_text())
+                     method_overrides=per_method, progress=not args.quiet, stats_dir=args.stats_dir,
+                     **_overrides(args))
+    from lmedit.distributed import is_main
+
+    if is_main():  # rank 0 writes the tables
+        print((Path(args.out) / "table.md").read_text())
     return 0 if rows else 1
 
 
@@ -489,13 +578,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     from lmedit._runtime import configure_logging, configure_threads
 
+    from lmedit.distributed import finish, init_from_env
+
+    rank, world = init_from_env()  # under torchrun: join the process group; rank 0 alone prints
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+        args.quiet = True
     configure_logging(quiet=getattr(args, "quiet", False))
     configure_threads()
     from lmedit.errors import LmeditError
 
-    handlers = {"edit": cmd_edit, "list": cmd_list, "trace": cmd_trace, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
+    handlers = {"stats": cmd_stats, "edit": cmd_edit, "list": cmd_list, "trace": cmd_trace, "demo": cmd_demo, "eval": cmd_eval, "sweep": cmd_sweep, "ledger": cmd_ledger}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        finish()
+        return code
     except KeyboardInterrupt:
         print("lmedit: interrupted; no weight was left changed", file=sys.stderr)
         return 130

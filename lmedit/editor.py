@@ -126,15 +126,17 @@ class Editor:
     supplies the context-template groups (``[["{}"], [...], ...]``). ``keep_history=False`` is for long
     sequential runs: no copy of the original weights is kept, so memory stays flat, and edits
     cannot be undone. ``ledger`` names a new ledger directory (``lmedit.ledger``) that every edit
-    is appended to before it commits; reopen it with :meth:`Editor.load`. ``progress`` shows
-    progress bars.
+    is appended to before it commits; reopen it with :meth:`Editor.load`. ``stats_dir``: where
+    statistics are cached and looked for (default: lmedit's cache; ``lmedit stats --out DIR`` writes
+    such a directory). ``progress`` shows progress bars.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,
                  preset: str | None = None, covariances: Mapping[int, torch.Tensor] | None = None,
                  context: Sequence[Sequence[str]] | None = None, keep_history: bool = True, progress: bool = False,
-                 ledger: str | Path | None = None, **overrides: Any) -> None:
+                 ledger: str | Path | None = None, stats_dir: str | Path | None = None, **overrides: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.stats_dir = Path(stats_dir) if stats_dir is not None else None
         self.adapter = get_adapter(model)
         self.adapter.check(model)
         method = method or (_method_of(hparams) if hparams is not None else "emmet")
@@ -179,7 +181,7 @@ class Editor:
             got = second_moments(self.model, self.tokenizer, self.adapter, missing, corpus=hp.mom2_corpus,
                                  n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length, dtype=hp.mom2_dtype,
                                  forward_dtype=hp.mom2_forward_dtype, model_fingerprint=self.base_fingerprint,
-                                 progress=self.progress)
+                                 cache_dir=self.stats_dir, progress=self.progress)
             self._C.update({(l, key): C for l, C in got.items()})
         return {l: self._C[(l, key)] for l in hp.layers}
 
@@ -454,7 +456,8 @@ class Editor:
 
     @classmethod
     def load(cls, model: nn.Module, tokenizer, path: str | Path, method: str | None = None, *,
-             keep_history: bool = False, progress: bool = False, **overrides: Any) -> "Editor":
+             keep_history: bool = False, progress: bool = False, stats_dir: str | Path | None = None,
+             **overrides: Any) -> "Editor":
         """An Editor of ``model`` (the ledger's base model, freshly loaded) with every batch of the
         ledger at ``path`` applied bit for bit, its lifelong state restored, and later edits appended.
 
@@ -470,7 +473,7 @@ class Editor:
         method = method or ledger.batches[-1]["method"]
         hp = get_method(method).hparams_cls.from_dict(last) if method == ledger.batches[-1]["method"] else None
         editor = cls(model, tokenizer, method, hparams=hp, preset=None if hp is not None else preset,
-                     keep_history=keep_history, progress=progress, **overrides)
+                     keep_history=keep_history, progress=progress, stats_dir=stats_dir, **overrides)
         ledger.check_base(model, editor.adapter, editor.base_fingerprint)
         records = [ledger.read_batch(i) for i in range(len(ledger.batches))]  # all checksums before any write
         earlier = ledger.read_state()

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from lmedit._version import __version__
+from lmedit.distributed import from_main, gather_indexed, is_main, mine, rank_world
 from lmedit.editor import Editor
 from lmedit.errors import HyperparameterError
 from lmedit.evaluate.metrics import aggregate, harmonic_mean
@@ -50,6 +51,7 @@ def run_eval(
     pre: dict[str, Any] | None = None,
     preset: str | None = None,
     hparams: EditHParams | None = None,
+    stats_dir: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after.
@@ -60,60 +62,88 @@ def run_eval(
     requests (from an earlier run_eval's ``"pre"``), to skip measuring them again. One Editor
     serves every batch, so statistics are loaded and context templates generated (from the
     unedited model, as the reference does) once.
+
+    Metrics are measured per batch and averaged weighted by batch size. Under torch.distributed
+    (``torchrun ... -m lmedit eval``) batch ``j`` goes to rank ``j mod world``, every rank
+    returns the gathered result, identical to one process's; with ``sequential`` every rank
+    applies every batch (each depends on the last) and only the evaluation is split. Timings are
+    summed over ranks (``world_size`` says how many).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
-    editor = Editor(model, tokenizer, method, preset=preset, hparams=hparams, **overrides)
+    editor = Editor(model, tokenizer, method, preset=preset, hparams=hparams, stats_dir=stats_dir, **overrides)
     ee = EasyEditMetrics(model, tokenizer, requests) if easyedit else None  # reference tokens: the unedited model
     evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee)
-    pre = dict(pre) if pre is not None else evaluate(model, tokenizer, requests)
-    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0,
-               "eval_s": pre.pop("eval_s", 0.0)}
+    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
+    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0, "eval_s": 0.0}
+    pre = _gathered(evaluate, model, tokenizer, batches, timings) if pre is None else \
+        {k: v for k, v in pre.items() if k != "eval_s"}
     editor.context()
-    post_parts, weights = _edit_batches(editor, requests, batch_size, sequential, evaluate, timings, progress)
-    post = aggregate(post_parts, weights=weights)
-    for p in ("", "chat_"):
-        parts = [f"{p}efficacy_score", f"{p}paraphrase_score", f"{p}neighborhood_score"]
-        if kind == "counterfact" and all(k in post for k in parts):
-            post[f"{p}score"] = harmonic_mean([post[k] for k in parts])
+    post = _edit_batches(editor, batches, sequential, evaluate, timings, progress)
+    for metrics in (pre, post):  # the Score of the averaged parts (an average of per-batch Scores is not one)
+        for p in ("", "chat_"):
+            parts = [f"{p}efficacy_score", f"{p}paraphrase_score", f"{p}neighborhood_score"]
+            if kind == "counterfact" and all(k in metrics for k in parts):
+                metrics[f"{p}score"] = harmonic_mean([metrics[k] for k in parts])
     timings["total_s"] = time.perf_counter() - t_all
+    timings = _summed_over_ranks(timings)
     n = len(requests)
     timings["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
-        "kind": kind, "chat": chat, "easyedit": easyedit, "pre": pre, "post": post, "timings": timings,
+        "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
+        "world_size": rank_world()[1],
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
 
 
-def _edit_batches(editor: Editor, requests: Sequence[EditRequest], batch_size: int, sequential: bool,
-                  evaluate: Callable[..., dict[str, Any]], timings: dict[str, float],
-                  progress: bool) -> tuple[list[dict], list[int]]:
-    """Edit and evaluate each batch (undone after it), or all batches then all records; the model is
-    left as it was found. Returns the metric parts and their record counts."""
+def _gathered(evaluate: Callable[..., dict[str, Any]], model, tok, batches: list[list[EditRequest]],
+              timings: dict[str, float]) -> dict[str, float]:
+    """Metrics over every batch (this rank's share evaluated here), weighted by batch size."""
+    got = []
+    for j, batch in mine(batches):
+        m = evaluate(model, tok, batch)
+        timings["eval_s"] += m.pop("eval_s")
+        got.append((j, m))
+    parts = gather_indexed(got, len(batches))
+    return aggregate(parts, weights=[len(b) for b in batches])
+
+
+def _edit_batches(editor: Editor, batches: list[list[EditRequest]], sequential: bool,
+                  evaluate: Callable[..., dict[str, Any]], timings: dict[str, float], progress: bool) -> dict[str, float]:
+    """Edit and evaluate each of this rank's batches (undone after it), or all batches then all
+    records; the model is left as it was found. Returns the post-edit metrics over every batch."""
     from tqdm.auto import tqdm
 
     model, tok = editor.model, editor.tokenizer
-    batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
-    parts, weights = [], []
+    todo = list(enumerate(batches)) if sequential else mine(batches)
+    size = len(batches[0]) if batches else 0
+    got = []
     try:
-        for batch in tqdm(batches, desc=f"{editor.method} batches of {batch_size}", unit="batch", disable=not progress):
+        for j, batch in tqdm(todo, desc=f"{editor.method} batches of {size}", unit="batch", disable=not progress):
             res = editor.edit(batch)
             for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s"):
                 timings[k] += res.timings.get(k, 0.0)
             if not sequential:
-                parts.append(evaluate(model, tok, batch))
-                weights.append(len(batch))
+                m = evaluate(model, tok, batch)
+                timings["eval_s"] += m.pop("eval_s")
+                got.append((j, m))
                 editor.undo()
         if sequential:
-            parts, weights = [evaluate(model, tok, requests)], [len(requests)]
+            return _gathered(evaluate, model, tok, batches, timings)
     finally:
         while editor.history:  # leave the model as we found it
             editor.undo()
-    for part in parts:
-        timings["eval_s"] += part.pop("eval_s")
-    return parts, weights
+    return aggregate(gather_indexed(got, len(batches)), weights=[len(b) for b in batches])
+
+
+def _summed_over_ranks(timings: dict[str, float]) -> dict[str, float]:
+    rank, world = rank_world()
+    if world == 1:
+        return timings
+    parts = gather_indexed([(rank, timings)], world)
+    return {k: sum(p[k] for p in parts) for k in timings}
 
 
 def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
@@ -138,14 +168,19 @@ def run_sweep(
     model_name: str = DEFAULT_MODEL_NAME,
     method_overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
+    stats_dir: str | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Every (method, batch size) cell: one JSON each (a finished cell with the same settings is
     skipped on re-runs; one with other settings runs again), then ``table.csv``, ``table.md`` and
     one PNG per metric against batch size. Cells of other grids already in ``out_dir`` with the
-    same number of records join the table (e.g. ROME at batch 1 beside MEMIT/EMMET)."""
+    same number of records join the table (e.g. ROME at batch 1 beside MEMIT/EMMET). Under
+    torch.distributed each cell's batches are split over the ranks (see :func:`run_eval`) and
+    rank 0 writes the files."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     rows = []
     pre = None  # the unedited metrics, measured once for the whole grid
     for method in methods:
@@ -154,15 +189,16 @@ def run_sweep(
         want = {"preset": preset, **hp.to_dict()}
         for bs in batch_sizes:
             cell = out / f"{method}_b{bs}.json"
-            result = _finished_cell(cell, want, len(requests), kind)
+            result = from_main(_finished_cell(cell, want, len(requests), kind) if main else None)
             if result is None:
                 result = run_eval(model, tokenizer, requests, method=method, batch_size=bs, kind=kind,
-                                  model_name=model_name, progress=progress, pre=pre, **kw)
+                                  model_name=model_name, progress=progress and main, pre=pre, stats_dir=stats_dir, **kw)
                 pre = pre or result["pre"]
-                from lmedit._fs import atomic_path
+                if main:
+                    from lmedit._fs import atomic_path
 
-                with atomic_path(cell) as tmp:
-                    tmp.write_text(json.dumps(result, indent=1))
+                    with atomic_path(cell) as tmp:
+                        tmp.write_text(json.dumps(result, indent=1))
             rows.append(_table_row(result))
     # cells of earlier grids in the same folder (same n and kind), e.g. ROME at batch 1 beside a
     # MEMIT/EMMET grid, join the table
@@ -175,6 +211,8 @@ def run_sweep(
                 rows.append(_table_row(result))
         except (ValueError, KeyError, TypeError):
             continue
+    if not main:
+        return rows
     keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "rewrite_accuracy", "efficacy_accuracy", "paraphrase_accuracy",
                                                      "specificity", "edit_s_per_request") if any(k in r for r in rows)]
     with open(out / "table.csv", "w", newline="") as f:

@@ -15,11 +15,14 @@ lmedit state (lmedit stores nothing on the model object).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Names a user may write for a model dtype (``lmedit.load_model(dtype=...)``, ``--dtype``).
 DTYPES: dict[str, torch.dtype] = {
@@ -61,8 +64,30 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None if name == "model" else DTYPES[name]
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device for a dispatched or offloaded
+    module (its weights may be on "meta" until its forward runs), else its first parameter's."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device(torch.accelerator.current_accelerator().type, dev)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return next(module.parameters()).device
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate spread ``model`` over devices or offloaded part of it (``device_map``)."""
+    return bool(getattr(model, "hf_device_map", None)) or any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the device the input embeddings compute on."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    return module_device(emb if emb is not None else model)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -74,6 +99,10 @@ def working_copy(model: nn.Module, name: str) -> Iterator[nn.Module]:
     """The model itself, or (inside the block only) a copy cast to the compute dtype ``name``."""
     dtype = compute_dtype(name, model_device(model))
     if dtype is None or dtype == model_dtype(model):
+        yield model
+        return
+    if is_dispatched(model):  # a copy would defeat the device map (and accelerate's hooks do not copy)
+        log.info("model is dispatched over devices; running in its own dtype %s, not %s", model_dtype(model), dtype)
         yield model
         return
     work = copy.deepcopy(model).to(dtype)

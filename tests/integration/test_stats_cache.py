@@ -51,8 +51,8 @@ def test_cache_is_used_and_corruption_is_detected(make_tiny, tokenizer, tmp_path
     assert len(files) == 1
 
     calls = []
-    real = stats_mod._accumulate
-    monkeypatch.setattr(stats_mod, "_accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stats_mod.accumulate
+    monkeypatch.setattr(stats_mod, "accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
     C2 = second_moments(model, tokenizer, adapter, [1], cache_dir=tmp_path, **CORPUS_KW)[1]
     assert calls == [] and torch.equal(C1, C2)  # read from the cache, no pass
 

@@ -207,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     import lmedit
 
-    model, tok = lmedit.load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    from lmedit.distributed import local_device
+
+    device_map = args.device_map
+    if device_map is None and local_device() is not None:  # under torchrun with GPUs: one GPU per process
+        device_map = {"": str(local_device())}
+    model, tok = lmedit.load_model(args.model, dtype=args.dtype, device_map=device_map)
     return model, tok
 
 

@@ -488,7 +488,7 @@ class Editor:
         """Apply each batch's deltas in its own transaction, as they were applied (bit for bit); on
         any failure every weight is restored."""
         layers = sorted({l for r in records for l in r.deltas})
-        originals = {l: self.adapter.edit_module(self.model, l).weight.detach().to("cpu", copy=True) for l in layers}
+        originals = {l: self.adapter.stored(self.model, l).detach().to("cpu", copy=True) for l in layers}
         try:
             for record in records:
                 with WeightTransaction(self.model, self.adapter) as tx:

@@ -53,7 +53,7 @@ def base_weights_digest(model: nn.Module, adapter: ModelAdapter) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for layer in range(adapter.n_layers(model)):
-            w = adapter.edit_module(model, layer).weight.detach()
+            w = adapter.stored(model, layer).detach()
             h.update(w.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lmedit.models.precision import model_device
+
 SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -24,8 +26,8 @@ def context_templates(
 ) -> list[list[str]]:
     """``[["{}"], group per (length, n)]``; each group has ``n`` templates (n // 5 per seed word, at least 1)."""
     groups: list[list[str]] = [["{}"]]
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(seed)
         for length, n in spec:
             group = []

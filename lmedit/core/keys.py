@@ -14,6 +14,7 @@ from torch import nn
 from lmedit.core.tokens import encode_subject_prompts, pad, pad_id, token_chunks
 from lmedit.hooks import Trace
 from lmedit.models.adapters import ModelAdapter
+from lmedit.models.precision import model_device
 from lmedit.requests import EditRequest
 
 MAX_TOKENS = 8192  # padded tokens per forward pass
@@ -36,7 +37,7 @@ def read_at_subject(
     reads every module and stops after the last of them.
     """
     seqs = encode_subject_prompts(tokenizer, templates, subjects)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: dict[str, torch.Tensor] = {}
     pid = pad_id(tokenizer)
     for group in token_chunks([len(s.ids) for s in seqs], max_tokens):

@@ -50,7 +50,7 @@ from lmedit.core.layout import TargetLayout, build_layout, buckets
 from lmedit.errors import SolveError
 from lmedit.hooks import ReplaceInput, Trace
 from lmedit.models.adapters import ModelAdapter
-from lmedit.models.precision import COMPUTE_DTYPES, model_device
+from lmedit.models.precision import COMPUTE_DTYPES, model_device, module_device
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,9 @@ def _prefix_pass(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, lay
         decoder(input_ids=lay.ids[:, S:], attention_mask=lay.mask, position_ids=lay.pos[:, S:],
                 use_cache=kv is not None, **kwargs)
     out = tr.outputs
-    return _Prefix(kv=kv, h_suffix=out["block"], z0=out["block"][lay.plain_rows, 0].float(),
-                   init=out[anchor][lay.plain_rows, 0].float(), tokens=tokens + lay.ids[:, S:].numel())
+    plain = lay.plain_rows.to(out["block"].device)
+    return _Prefix(kv=kv, h_suffix=out["block"], z0=out["block"][plain, 0].float(),
+                   init=out[anchor][plain.to(out[anchor].device), 0].float(), tokens=tokens + lay.ids[:, S:].numel())
 
 
 @dataclass
@@ -185,6 +186,7 @@ class _Resumed:
         self.model, self.adapter, self.lay, self.pre, self.layer = model, adapter, lay, pre, layer
         self.decoder = adapter.decoder(model)
         self.unembed = adapter.unembed_module(model)
+        self.out_device = module_device(self.unembed)  # where the loss terms are computed (the head's device)
         self.ckw = cache_kwarg(self.decoder)
         last = layer + 1 >= adapter.n_layers(model)
         self.resume_at = adapter.final_norm_module(model) if last else adapter.block(model, layer + 1)
@@ -195,15 +197,15 @@ class _Resumed:
     def _bucket_kv(self, b: int, rows: torch.Tensor) -> KV | None:
         """The prefix KV of ``rows`` (re-selected only when the bucket's active rows change)."""
         if b not in self._kv or not torch.equal(self._kv[b][0], rows):
-            kv = None if self.pre.kv is None else [(k[rows], v[rows]) for k, v in self.pre.kv]
+            kv = None if self.pre.kv is None else [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.pre.kv]
             self._kv[b] = (rows, kv)
         return self._kv[b][1]
 
     def _hidden(self, rows: torch.Tensor, width: int, delta_rows: torch.Tensor, kv: KV | None) -> torch.Tensor:
         """(n, width, d) final-norm output of ``rows``, with ``delta_rows`` (n, d) added at column S."""
         S, lay = self.lay.S, self.lay
-        h = self.pre.h_suffix[rows, :width]
-        h0 = (h[:, 0].float() + delta_rows).to(h.dtype)
+        h = self.pre.h_suffix[rows.to(self.pre.h_suffix.device), :width]
+        h0 = (h[:, 0].float() + delta_rows.to(h.device)).to(h.dtype)
         h = torch.cat([h0[:, None], h[:, 1:]], dim=1)
         kwargs = {} if kv is None else {self.ckw: make_cache(kv)}
         # blocks 0..layer are cut out; the pass resumes at block layer+1 (or at the final norm when
@@ -212,43 +214,48 @@ class _Resumed:
             out = self.decoder(input_ids=lay.ids[rows, S:S + width], attention_mask=lay.mask[rows, :S + width],
                                position_ids=lay.pos[rows, S:S + width], use_cache=kv is not None, **kwargs)
         self.tokens += rows.numel() * width
-        return out.last_hidden_state
+        return out.last_hidden_state.to(self.out_device)
 
     def step(self, delta: torch.Tensor, act_req: torch.Tensor, active: torch.Tensor) -> _StepOutput:
         """Losses of the active requests ``act_req`` (A,) with their deltas ``delta`` (A, d)."""
-        lay, B = self.lay, active.shape[0]
-        local = torch.full((B,), -1, dtype=torch.long, device=delta.device)
-        local[act_req] = torch.arange(len(act_req), device=delta.device)  # request -> row of delta
-        nll = torch.zeros(len(act_req), device=delta.device)
-        wrong = torch.zeros(len(act_req), device=delta.device)
-        kl_logp = torch.zeros(len(act_req), self.unembed.weight.shape[0], device=delta.device)
+        # index bookkeeping on the layout's device, loss terms on the head's (a split model may differ)
+        lay, B, dev, out_dev = self.lay, active.shape[0], self.lay.ids.device, self.out_device
+        active, act_idx = active.to(dev), act_req.to(dev)
+        local = torch.full((B,), -1, dtype=torch.long, device=dev)
+        local[act_idx] = torch.arange(len(act_idx), device=dev)  # request -> row of delta
+        nll = torch.zeros(len(act_req), device=out_dev)
+        wrong = torch.zeros(len(act_req), device=out_dev)
+        kl_logp = torch.zeros(len(act_req), self.unembed.weight.shape[0], device=out_dev)
         for b, bucket in enumerate(self.buckets):
             rows = bucket.seqs[active[lay.req[bucket.seqs]]]  # active sequences of this bucket
             if rows.numel() == 0:
                 continue
             seq_req = local[lay.req[rows]]  # (n,) row of delta for each sequence
-            hidden = self._hidden(rows, bucket.width, delta[seq_req], self._bucket_kv(b, rows))
+            hidden = self._hidden(rows, bucket.width, delta[seq_req.to(delta.device)], self._bucket_kv(b, rows))
             nll, wrong = self._target_terms(hidden, rows, bucket.entries, seq_req, nll, wrong)
             is_kl = lay.is_kl[rows]
             if bool(is_kl.any()):
-                logits = self.unembed(hidden[is_kl, 0]).float()
-                kl_logp = kl_logp.index_copy(0, seq_req[is_kl], torch.log_softmax(logits, -1))
-        return _StepOutput(nll, kl_logp, wrong == 0)
+                logits = self.unembed(hidden[is_kl.to(out_dev), 0]).float()
+                kl_logp = kl_logp.index_copy(0, seq_req[is_kl].to(out_dev), torch.log_softmax(logits, -1))
+        to = delta.device
+        return _StepOutput(nll.to(to), kl_logp.to(to), (wrong == 0).to(to))
 
     def _target_terms(self, hidden, rows, entries, seq_req, nll, wrong):
         """Add the target-token NLL (and count wrong argmaxes) of the loss entries read by ``rows``."""
-        lay = self.lay
-        row_of = torch.full((lay.ids.shape[0],), -1, dtype=torch.long, device=hidden.device)
-        row_of[rows] = torch.arange(len(rows), device=hidden.device)  # sequence -> row of hidden
+        lay, dev, out = self.lay, self.lay.ids.device, hidden.device
+        row_of = torch.full((lay.ids.shape[0],), -1, dtype=torch.long, device=dev)
+        row_of[rows] = torch.arange(len(rows), device=dev)  # sequence -> row of hidden
         e = entries[row_of[lay.loss_rows[entries]] >= 0]  # the entries of active sequences
         if e.numel() == 0:
             return nll, wrong
         r = row_of[lay.loss_rows[e]]
-        logits = self.unembed(hidden[r, lay.loss_cols[e] - lay.S]).float()  # (M, V)
+        logits = self.unembed(hidden[r.to(out), (lay.loss_cols[e] - lay.S).to(out)]).float()  # (M, V)
         logp = torch.log_softmax(logits, -1)
-        tok_lp = logp.gather(1, lay.loss_tok[e, None]).squeeze(1)
-        miss = (logits.detach().argmax(-1) != lay.loss_tok[e]).float()
-        return nll.index_add(0, seq_req[r], -tok_lp * lay.loss_w[e]), wrong.index_add(0, seq_req[r], miss)
+        tok = lay.loss_tok[e].to(out)
+        tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        miss = (logits.detach().argmax(-1) != tok).float()
+        where = seq_req[r].to(out)
+        return nll.index_add(0, where, -tok_lp * lay.loss_w[e].to(out)), wrong.index_add(0, where, miss)
 
 
 class _RowAdam:
@@ -290,14 +297,15 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     with frozen(model):
         pre = _prefix_pass(model, adapter, lay, layer, anchor)
     run = _Resumed(model, adapter, lay, pre, layer)
-    delta = torch.zeros_like(pre.init)  # (B, d) float32
+    delta = torch.zeros_like(pre.init)  # (B, d) float32, on the device of block ``layer`` (where it is added)
     adam = _RowAdam(delta, config.v_lr)
     init_norm = pre.init.norm(dim=1)  # (B,)
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    loss_out = torch.full((B,), float("nan"), device=device)
-    prob_out = torch.zeros(B, device=device)
-    steps = torch.zeros(B, dtype=torch.long, device=device)
-    hits = torch.zeros(B, dtype=torch.long, device=device)  # steps at which target_new was the argmax everywhere
+    at = delta.device  # the per-request bookkeeping lives with delta
+    active = torch.ones(B, dtype=torch.bool, device=at)
+    loss_out = torch.full((B,), float("nan"), device=at)
+    prob_out = torch.zeros(B, device=at)
+    steps = torch.zeros(B, dtype=torch.long, device=at)
+    hits = torch.zeros(B, dtype=torch.long, device=at)  # steps at which target_new was the argmax everywhere
     kl_init = None
     with frozen(model), attention_impl(model, "eager" if device.type == "cpu" else None):
         for it in range(config.v_num_grad_steps):

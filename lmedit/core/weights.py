@@ -42,7 +42,7 @@ class AppliedEdit:
         out = []
         with torch.no_grad():
             for layer, orig in self.originals.items():
-                param = adapter.edit_module(model, layer).weight
+                param = adapter.stored(model, layer)
                 if not torch.equal(param, _rebuilt(adapter, orig, self.deltas[layer], param)):
                     out.append(layer)
         return out
@@ -57,8 +57,8 @@ class WeightTransaction:
 
     def add(self, layer: int, delta: torch.Tensor) -> None:
         """W_layer += delta, with delta in the paper's (d_out, d_in) orientation."""
-        param = self.adapter.edit_module(self.model, layer).weight
-        shape = tuple(self.adapter.weight(self.model, layer).shape)
+        param = self.adapter.stored(self.model, layer)
+        shape = tuple(self.adapter.as_out_in(param).shape)
         if tuple(delta.shape) != shape:
             raise ValueError(f"layer {layer}: update has shape {tuple(delta.shape)}, weight is {shape} (d_out, d_in)")
         if not torch.isfinite(delta).all():
@@ -75,7 +75,7 @@ class WeightTransaction:
             new = _rebuilt(self.adapter, self.record.originals[layer], total, param)
             if not torch.isfinite(new).all():
                 raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
-            param.copy_(new)
+            self.adapter.store(self.model, layer, new)
         self.record.deltas[layer] = total
 
     def rollback(self) -> None:
@@ -94,5 +94,4 @@ def restore(model: nn.Module, adapter: ModelAdapter, originals: dict[int, torch.
     """Copy stored original tensors back into the edited weights (bit-exact)."""
     with torch.no_grad():
         for layer, orig in originals.items():
-            param = adapter.edit_module(model, layer).weight
-            param.copy_(orig.to(param.device))
+            adapter.store(model, layer, orig)

@@ -53,9 +53,10 @@ def score_continuations(
                 rows.append(r)
                 cols.append(len(p) - 1 + k)
                 toks.append(t)
-        logits = unembed(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+        at = hidden.device  # the final norm's device (a split model's last one)
+        logits = unembed(hidden[torch.tensor(rows, device=at), torch.tensor(cols, device=at)]).float()
         lp = torch.log_softmax(logits, -1)
-        toks_t = torch.tensor(toks, device=device)
+        toks_t = torch.tensor(toks, device=lp.device)
         tok_lp = lp.gather(1, toks_t[:, None]).squeeze(1).cpu()
         best = lp.argmax(-1)
         correct = (best == toks_t).cpu()
@@ -73,10 +74,10 @@ def score_continuations(
 def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
                    batch_size: int = 32, do_sample: bool = False, seed: int = 0) -> list[str]:
     """Continuations of ``prompts`` (greedy by default; ``do_sample`` is the reference's top-k 5)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     pid = pad_id(tokenizer)
     texts: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         torch.manual_seed(seed)
         for s in range(0, len(prompts), batch_size):
             batch = list(prompts[s:s + batch_size])

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmedit.models.offload import read_param, write_param
 from lmedit.errors import UnsupportedArchitectureError
 
 WeightLayout = Literal["out_in", "in_out"]
@@ -101,7 +102,15 @@ class ModelAdapter:
     # --- the edited weight in the paper's orientation -------------------------------------
     def weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """W as (d_out, d_in), a view of the stored parameter (transposed for ``in_out``)."""
-        return self.as_out_in(self.edit_module(model, layer).weight)
+        return self.as_out_in(self.stored(model, layer))
+
+    def stored(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """The edited parameter in its storage layout (read through accelerate's offload if offloaded)."""
+        return read_param(self.edit_module(model, layer), "weight")
+
+    def store(self, model: nn.Module, layer: int, value: torch.Tensor) -> None:
+        """Write the edited parameter (storage layout), where the model reads it (offload included)."""
+        write_param(self.edit_module(model, layer), "weight", value)
 
     def as_out_in(self, stored: torch.Tensor) -> torch.Tensor:
         """A tensor in the edited parameter's storage layout, viewed as (d_out, d_in)."""

@@ -224,6 +224,8 @@ def fingerprint(model: nn.Module, adapter=None) -> str:
         from lmedit.models.adapters import get_adapter
 
         adapter = get_adapter(model)
+    from lmedit.models.offload import state_items
+
     edited = f".{adapter.edit}.weight"
     prefix = adapter.blocks + "."
     cfg = model.config
@@ -231,7 +233,7 @@ def fingerprint(model: nn.Module, adapter=None) -> str:
     h.update(json.dumps({k: v for k, v in sorted(cfg.to_dict().items()) if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")},
                         sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
+        for name, p in sorted(state_items(model)):
             if name.startswith(prefix) and name.endswith(edited):
                 continue
             flat = p.detach().reshape(-1)

@@ -184,3 +184,15 @@ def test_shape_mismatches_raise_value_error():
     with pytest.raises(ValueError) as e:
         solvers.emmet(R, K[:-1], C)
     assert not isinstance(e.value, SolveError)
+
+
+def test_blocked_gram_equals_full_product_and_is_symmetric():
+    from lmedit.core.stats import gram
+
+    torch.manual_seed(0)
+    k = torch.randn(300, 130).bfloat16().float()  # keys of a bf16 forward
+    full = k.double().T @ k.double()
+    for blocks in (1, 2, 3, 6, 7):
+        G = gram(k, blocks)
+        assert torch.equal(G, G.T)
+        torch.testing.assert_close(G.double(), full, rtol=1e-6, atol=1e-4)

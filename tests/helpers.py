@@ -27,7 +27,7 @@ import lmedit
 # --- the tiny architectures and the shared benchmark data ----------------------------------------
 
 # Every model family with a tiny test model; the order also seeds build_tiny (llama != mistral).
-ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3")
+ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "olmo", "phi3")
 
 # The benchmark data sits beside the repository: <repo>/../shared/data (this file is <repo>/tests/).
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmedit.core import solvers
-from lmedit.core.keys import collect_keys, residual_stream
+from lmedit.core.keys import collect_keys, read_at_subject, residual_stream
 from lmedit.core.weights import WeightTransaction
 from lmedit.errors import HyperparameterError
 from lmedit.models.adapters import ModelAdapter
@@ -102,14 +102,35 @@ class Pieces:
         return self.targets - z_now
 
     def solve(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """The objective's dW (d_out, d_in) at ``layer`` for residuals R (B, d_out) and keys K (B, d_in)."""
+        """The objective's dW (d_out, d_in) at ``layer`` for residuals R (B, d_out) and keys K (B, d_in).
+
+        R is a change of the residual stream. Where the block normalises the MLP output before adding
+        it (Gemma 2/3) and the targets were optimised at the MLP output (ROME's v*, so R is reachable
+        through the norm), R becomes the change of the projection's output that the norm turns into
+        it (``ModelAdapter.output_change``; exact for a reachable R). Residual-stream targets
+        (MEMIT, EMMET) ask for more than one normalised output can give; for them the share is
+        written as is (measured better on Gemma 3: results/gemma_postnorm)."""
+        if self._through_norm():
+            t0 = time.perf_counter()
+            out = read_at_subject(self.model, self.tokenizer, {"o": self.adapter.edit_module(self.model, layer)},
+                                  [r.prompt for r in self.requests], [r.subject for r in self.requests],
+                                  capture="output")["o"]
+            self.timings["residual_s"] += time.perf_counter() - t0
+            R = self.adapter.output_change(self.model, layer, R, out)
         t0 = time.perf_counter()
         dW = self.solver(R.T, K.T, self.systems[layer])
         self.timings["solve_s"] += time.perf_counter() - t0
         return dW
 
+    def _through_norm(self) -> bool:
+        return self.adapter.post_mlp_norm is not None and getattr(self.settings, "anchor", "block") == "mlp"
+
     def solve_joint(self, R: torch.Tensor, K: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: dW} solving every layer of ``K`` as one problem for the residual R (B, d_out)."""
+        if self._through_norm():
+            raise HyperparameterError(f"the joint solve assumes each layer's MLP output adds to the residual stream; "
+                                      f"{self.adapter.model_type} normalises it first ({self.adapter.post_mlp_norm}): "
+                                      "use distribution single, spread or refit")
         t0 = time.perf_counter()
         form = self.joint_form()
         layers = sorted(K)

@@ -148,8 +148,10 @@ class _Prefix:
     kv: KV | None  # keys/values of the prefix columns [0, S) of every layer, or None when S == 0
     h_suffix: torch.Tensor  # (N, W - S, d) output of block ``layer`` at the suffix columns
     z0: torch.Tensor  # (B, d) float32 block output at the subject-last column of the bare prompts
-    init: torch.Tensor  # (B, d) float32 anchor output there
+    init: torch.Tensor  # (B, d) float32 anchor output there (the MLP's where delta is added to it)
     tokens: int  # tokens run through the model
+    o_s: torch.Tensor | None = None  # (N, d) MLP output at column S, where a post-MLP norm follows it
+    o_plain: torch.Tensor | None = None  # (B, d) the same at the bare prompts' rows
 
 
 @torch.no_grad()
@@ -157,8 +159,10 @@ def _prefix_pass(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, lay
     decoder = adapter.decoder(model)
     S, kv, tokens = lay.S, None, 0
     if S > 0:  # 1) prefix columns [0, S): keys/values of every layer, computed once
+        # a plain cache keeps every layer's full KV (the model's own would crop sliding-window layers,
+        # whose masks the resumed passes could then not line up); the sliding mask still applies
         out = decoder(input_ids=lay.ids[:, :S], attention_mask=lay.mask[:, :S], position_ids=lay.pos[:, :S],
-                      use_cache=True)
+                      use_cache=True, **{cache_kwarg(decoder): make_cache([])})
         kv, tokens = cache_to_kv(out), lay.ids[:, :S].numel()
     # 2) suffix columns [S, W) through blocks 0..layer, once: their outputs never change
     kwargs = {} if kv is None else {cache_kwarg(decoder): make_cache(kv)}
@@ -168,8 +172,20 @@ def _prefix_pass(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, lay
                 use_cache=kv is not None, **kwargs)
     out = tr.outputs
     plain = lay.plain_rows.to(out["block"].device)
-    return _Prefix(kv=kv, h_suffix=out["block"], z0=out["block"][plain, 0].float(),
-                   init=out[anchor][plain.to(out[anchor].device), 0].float(), tokens=tokens + lay.ids[:, S:].numel())
+    pre = _Prefix(kv=kv, h_suffix=out["block"], z0=out["block"][plain, 0].float(),
+                  init=out[anchor][plain.to(out[anchor].device), 0].float(), tokens=tokens + lay.ids[:, S:].numel())
+    if adapter.post_mlp_norm is not None and anchor == "mlp":  # ROME's v*: delta goes into the MLP output,
+        # before the block's post-MLP norm (a change the norm lets through; see _post_norm_shift)
+        pre.o_s = out["mlp"][:, 0].float()
+        pre.o_plain = pre.o_s[plain.to(pre.o_s.device)]
+        pre.init = pre.o_plain
+    return pre
+
+
+def _post_norm_shift(norm: nn.Module, o: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """norm(o + delta) - norm(o): what a delta of the MLP output adds to the residual stream through
+    a post-MLP norm (float32; differentiable in delta)."""
+    return norm(o + delta).float() - norm(o).float()
 
 
 @dataclass
@@ -187,6 +203,8 @@ class _Resumed:
         self.decoder = adapter.decoder(model)
         self.unembed = adapter.unembed_module(model)
         self.out_device = module_device(self.unembed)  # where the loss terms are computed (the head's device)
+        self.post_norm = (adapter.resolve(adapter.block(model, layer), adapter.post_mlp_norm)
+                          if pre.o_s is not None else None)
         self.ckw = cache_kwarg(self.decoder)
         last = layer + 1 >= adapter.n_layers(model)
         self.resume_at = adapter.final_norm_module(model) if last else adapter.block(model, layer + 1)
@@ -205,7 +223,10 @@ class _Resumed:
         """(n, width, d) final-norm output of ``rows``, with ``delta_rows`` (n, d) added at column S."""
         S, lay = self.lay.S, self.lay
         h = self.pre.h_suffix[rows.to(self.pre.h_suffix.device), :width]
-        h0 = (h[:, 0].float() + delta_rows.to(h.device)).to(h.dtype)
+        add = delta_rows.to(h.device)
+        if self.post_norm is not None:  # delta is a change of the MLP output; the norm sits between
+            add = _post_norm_shift(self.post_norm, self.pre.o_s[rows.to(self.pre.o_s.device)], add)
+        h0 = (h[:, 0].float() + add).to(h.dtype)
         h = torch.cat([h0[:, None], h[:, 1:]], dim=1)
         kwargs = {} if kv is None else {self.ckw: make_cache(kv)}
         # blocks 0..layer are cut out; the pass resumes at block layer+1 (or at the final norm when
@@ -326,6 +347,10 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     if not torch.isfinite(delta).all():
         bad = [requests[i].case_id for i in torch.nonzero(~torch.isfinite(delta).all(1)).squeeze(1).tolist()]
         raise SolveError(f"target optimisation produced non-finite vectors for requests {bad}")
-    return TargetResult(targets=(pre.z0 + delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss_out.cpu(),
+    z_delta = delta
+    if run.post_norm is not None:
+        with torch.no_grad():
+            z_delta = _post_norm_shift(run.post_norm, pre.o_plain, delta)
+    return TargetResult(targets=(pre.z0 + z_delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss_out.cpu(),
                         steps=(steps + 1).cpu(), target_prob=prob_out.cpu(),
                         stats={"forward_tokens": pre.tokens + run.tokens})

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmedit.models.offload import read_param, write_param
+from lmedit.models.precision import module_device
 from lmedit.errors import UnsupportedArchitectureError
 
 WeightLayout = Literal["out_in", "in_out"]
@@ -36,6 +37,9 @@ class ModelAdapter:
     unembed: str  # the unembedding (lm head), from the model root
     layout: WeightLayout  # storage of the edited weight: "out_in" (nn.Linear) or "in_out" (Conv1D)
     attn: str | None = None  # the attention, relative to a block (causal tracing restores its output)
+    # a norm applied to the MLP's output before it joins the residual stream, relative to a block
+    # (Gemma 2/3's post_feedforward_layernorm); None: the edited projection's output is added as is
+    post_mlp_norm: str | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("out_in", "in_out"):
@@ -104,6 +108,29 @@ class ModelAdapter:
         """W as (d_out, d_in), a view of the stored parameter (transposed for ``in_out``)."""
         return self.as_out_in(self.stored(model, layer))
 
+    def output_change(self, model: nn.Module, layer: int, dz: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The change of the edited projection's output (B, d) that moves the residual stream by ``dz``.
+
+        Without a post-MLP norm it is ``dz`` itself. With an RMS norm o -> g * o / rms(o) after the MLP
+        (``out``: the projection's current outputs o), keeping rms(o) gives o' = o + rms(o) dz / g:
+        the normalised direction moves by dz / g, so the norm's output moves by dz to first order (the
+        norm is scale invariant; what a norm cannot add, a change of its output's length, later layers
+        of the spread distribution take up). g is the norm's output for an all-ones input.
+        """
+        if self.post_mlp_norm is None:
+            return dz
+        if out is None:
+            raise ValueError(f"{self.model_type}: the MLP output passes through {self.post_mlp_norm}; "
+                             "output_change needs the projection's current outputs")
+        norm = self.resolve(self.block(model, layer), self.post_mlp_norm)
+        with torch.no_grad():
+            ones = torch.ones(1, dz.shape[1], device=module_device(norm), dtype=torch.float32)
+            g = norm(ones.to(read_param(norm, "weight").dtype)).float().cpu()[0]
+        g = torch.where(g.abs() < 1e-3, torch.full_like(g, 1e-3) * torch.sign(g + 1e-12), g)  # never divide by ~0
+        o = out.to(torch.float32)
+        rms = o.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return (rms * dz.to(torch.float32) / g).to(dz.dtype)
+
     def stored(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The edited parameter in its storage layout (read through accelerate's offload if offloaded)."""
         return read_param(self.edit_module(model, layer), "weight")
@@ -122,6 +149,12 @@ class ModelAdapter:
         self.unembed_module(model)
         mod = self.edit_module(model, 0)
         self.mlp_module(model, 0)
+        if self.post_mlp_norm is not None:
+            self.resolve(self.block(model, 0), self.post_mlp_norm)
+        elif hasattr(self.block(model, 0), "post_feedforward_layernorm"):
+            raise ValueError(f"adapter {self.model_type!r}: the blocks normalise the MLP output "
+                             "(post_feedforward_layernorm) but the adapter does not declare it; add "
+                             "post_mlp_norm='post_feedforward_layernorm' or edits will land weakly")
         viewed = tuple(self.weight(model, 0).shape)  # (d_out, d_in) if the layout is right
         if isinstance(mod, nn.Linear):
             expect, layout = (mod.out_features, mod.in_features), "out_in"
@@ -193,5 +226,7 @@ for _adapter in (
     ModelAdapter("gpt_neox", blocks="gpt_neox.layers", edit="mlp.dense_4h_to_h", mlp="mlp",
                  final_norm="gpt_neox.final_layer_norm", unembed="lm_head", layout="out_in", attn="attention"),
     *(ModelAdapter(t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3")),
+    # Gemma 2 and 3 normalise the MLP output before the residual add
+    *(ModelAdapter(t, **_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm") for t in ("gemma2", "gemma3_text")),
 ):
     register_adapter(_adapter)

@@ -123,7 +123,7 @@ class Pieces:
         return dW
 
     def _through_norm(self) -> bool:
-        return self.adapter.post_mlp_norm is not None and getattr(self.settings, "anchor", "block") == "mlp"
+        return getattr(self.adapter, "post_mlp_norm", None) is not None and getattr(self.settings, "anchor", "block") == "mlp"
 
     def solve_joint(self, R: torch.Tensor, K: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: dW} solving every layer of ``K`` as one problem for the residual R (B, d_out)."""

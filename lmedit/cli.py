@@ -366,6 +366,7 @@ def cmd_stats(args) -> int:
 
         if args.shard and args.out is None:
             raise _UsageError("--shard needs --out DIR for the partial sums")
+        shard = st.parse_shard(args.shard) if args.shard else None  # a malformed I/N fails before the model loads
         model, tok = _load(args)
         adapter = get_adapter(model)
         _, hp = resolve_hparams(model, args.method, args.preset)
@@ -375,8 +376,7 @@ def cmd_stats(args) -> int:
         layers = args.layers or list(hp.layers)
         for layer in layers:
             adapter.block(model, layer)  # range check before any work
-        if args.shard:
-            shard = st.parse_shard(args.shard)
+        if shard is not None:
             plan = st.make_plan(model, layers, **kw)
             part = st.accumulate(model, tok, adapter, plan, corpus=kw["corpus"], shard=shard, checkpoint_dir=args.out,
                                  progress=not args.quiet)

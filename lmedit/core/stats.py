@@ -25,6 +25,7 @@ tensor; a corrupt or mismatched file is recomputed with a warning. Long runs wri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -276,8 +277,7 @@ def second_moments(
     missing = [l for l in layers if l not in result]
     missing = from_main(missing)  # every rank computes the same layers (rank 0's view of the cache decides)
     if missing:
-        sub = StatsPlan(plan.model, tuple(missing), *[getattr(plan, f) for f in
-                        ("corpus", "n_samples", "max_length", "dtype", "forward_dtype", "max_tokens")])
+        sub = dataclasses.replace(plan, layers=tuple(missing))
         shard = (rank, world)
         part = accumulate(model, tokenizer, adapter, sub, corpus=corpus, shard=shard, checkpoint_dir=directory,
                           checkpoint_seconds=checkpoint_seconds, progress=progress and shard[0] == 0)

@@ -81,11 +81,9 @@ def run_eval(
         {k: v for k, v in pre.items() if k != "eval_s"}
     editor.context()
     post = _edit_batches(editor, batches, sequential, evaluate, timings, progress)
-    for metrics in (pre, post):  # the Score of the averaged parts (an average of per-batch Scores is not one)
-        for p in ("", "chat_"):
-            parts = [f"{p}efficacy_score", f"{p}paraphrase_score", f"{p}neighborhood_score"]
-            if kind == "counterfact" and all(k in metrics for k in parts):
-                metrics[f"{p}score"] = harmonic_mean([metrics[k] for k in parts])
+    if kind == "counterfact":
+        _set_scores(pre)
+        _set_scores(post)
     timings["total_s"] = time.perf_counter() - t_all
     timings = _summed_over_ranks(timings)
     n = len(requests)
@@ -96,6 +94,14 @@ def run_eval(
         "world_size": rank_world()[1],
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
+
+
+def _set_scores(metrics: dict[str, float]) -> None:
+    """The Score of the averaged parts (an average of per-batch Scores is not one), plain and chat form."""
+    for p in ("", "chat_"):
+        parts = [f"{p}efficacy_score", f"{p}paraphrase_score", f"{p}neighborhood_score"]
+        if all(k in metrics for k in parts):
+            metrics[f"{p}score"] = harmonic_mean([metrics[k] for k in parts])
 
 
 def _gathered(evaluate: Callable[..., dict[str, Any]], model, tok, batches: list[list[EditRequest]],
@@ -200,19 +206,29 @@ def run_sweep(
                     with atomic_path(cell) as tmp:
                         tmp.write_text(json.dumps(result, indent=1))
             rows.append(_table_row(result))
-    # cells of earlier grids in the same folder (same n and kind), e.g. ROME at batch 1 beside a
-    # MEMIT/EMMET grid, join the table
-    grid = {(m, b) for m in methods for b in batch_sizes}
+    rows += _earlier_cells(out, {(m, b) for m in methods for b in batch_sizes}, len(requests), kind)
+    if main:
+        _write_tables(out, rows)
+    return rows
+
+
+def _earlier_cells(out: Path, grid: set[tuple[str, int]], n: int, kind: str) -> list[dict[str, Any]]:
+    """Rows of cells of earlier grids in the same folder (same n and kind), e.g. ROME at batch 1
+    beside a MEMIT/EMMET grid: they join the table."""
+    rows = []
     for cell in sorted(out.glob("*_b*.json")):
         try:
             result = json.loads(cell.read_text())
             key = (result["method"], result["batch_size"])
-            if key not in grid and result["n"] == len(requests) and result.get("kind", "counterfact") == kind:
+            if key not in grid and result["n"] == n and result.get("kind", "counterfact") == kind:
                 rows.append(_table_row(result))
         except (ValueError, KeyError, TypeError):
             continue
-    if not main:
-        return rows
+    return rows
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    """table.csv, table.md and one PNG per metric against batch size."""
     keys = ["method", "batch_size"] + [k for k in (*METRIC_KEYS, "rewrite_accuracy", "efficacy_accuracy", "paraphrase_accuracy",
                                                      "specificity", "edit_s_per_request") if any(k in r for r in rows)]
     with open(out / "table.csv", "w", newline="") as f:
@@ -221,7 +237,6 @@ def run_sweep(
         w.writerows(rows)
     (out / "table.md").write_text(format_table(rows, keys) + "\n")
     plot_sweep(rows, keys[2:], out)
-    return rows
 
 
 def _table_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Process-level settings: threads, logging, and returning freed memory to the OS."""
+"""Process-level settings: threads, logging, the memory budget, and returning freed memory to the OS."""
 
 from __future__ import annotations
 
@@ -57,3 +57,54 @@ def release_freed_memory() -> bool:
         return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"8GB"`` / ``"512 MiB"`` / ``2e9`` -> bytes (units are powers of 1024)."""
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory size {text!r}: write a number with an optional unit, e.g. 8GB or 512MiB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value * _UNITS[unit])
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes a new allocation can take now: free memory of a CUDA device, else the system's
+    MemAvailable (Linux; None where it cannot be read)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_budget(device=None, given: str | int | float | None = None) -> int | None:
+    """The bytes one phase of an edit may allocate: ``given``, else ``LMEDIT_MEMORY_BUDGET`` (e.g.
+    ``8GB``), else what is available now (:func:`available_memory`); None: no bound known."""
+    if given is not None:
+        return parse_bytes(given)
+    env = os.environ.get("LMEDIT_MEMORY_BUDGET")
+    if env:
+        try:
+            return parse_bytes(env)
+        except ValueError as e:
+            raise ValueError(f"LMEDIT_MEMORY_BUDGET: {e}") from None
+    return available_memory(device)

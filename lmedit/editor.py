@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmedit._runtime import memory_budget, parse_bytes
 from lmedit.chat import chat_groups, has_chat_template
 from lmedit.core.context import context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import TargetResult, compute_targets
+from lmedit.core.targets import TargetResult, compute_targets, plan_chunks
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
@@ -42,7 +43,7 @@ from lmedit.ledger import BatchRecord, Ledger
 from lmedit.methods import EditHParams, get_method
 from lmedit.models.adapters import ModelAdapter, get_adapter
 from lmedit.models.loading import fingerprint
-from lmedit.models.precision import sync_weights, working_copy
+from lmedit.models.precision import compute_dtype, model_device, model_dtype, sync_weights, working_copy
 from lmedit.presets import resolve_hparams
 from lmedit.requests import EditRequest, as_requests
 
@@ -128,14 +129,21 @@ class Editor:
     cannot be undone. ``ledger`` names a new ledger directory (``lmedit.ledger``) that every edit
     is appended to before it commits; reopen it with :meth:`Editor.load`. ``stats_dir``: where
     statistics are cached and looked for (default: lmedit's cache; ``lmedit stats --out DIR`` writes
-    such a directory). ``progress`` shows progress bars.
+    such a directory). ``progress`` shows progress bars. ``memory_budget`` (bytes, or e.g. ``"8GB"``;
+    default ``LMEDIT_MEMORY_BUDGET``, else the memory available when an edit starts) bounds the
+    target optimisation: requests are optimised in smaller chunks where a chunk would need more, and
+    a request that alone needs more is refused before any work.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,
                  preset: str | None = None, covariances: Mapping[int, torch.Tensor] | None = None,
                  context: Sequence[Sequence[str]] | None = None, keep_history: bool = True, progress: bool = False,
-                 ledger: str | Path | None = None, stats_dir: str | Path | None = None, **overrides: Any) -> None:
+                 ledger: str | Path | None = None, stats_dir: str | Path | None = None,
+                 memory_budget: str | int | None = None, **overrides: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.memory_budget = memory_budget
+        if memory_budget is not None:
+            parse_bytes(memory_budget)  # a bad value fails here, not at the first edit
         self.stats_dir = Path(stats_dir) if stats_dir is not None else None
         self.adapter = get_adapter(model)
         self.adapter.check(model)
@@ -246,13 +254,15 @@ class Editor:
         reqs = as_requests(requests)
         hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        C = self.covariances(hp)
-        timings["stats_s"] = time.perf_counter() - t0
         groups = self.template_groups(hp)
         self._check_lengths(reqs, groups)
         if targets is not None:
             self._check_reusable(targets, reqs, groups, hp)
+        else:  # refuses a request that cannot fit the memory budget, before any work
+            self._target_chunks(reqs, [t for g in groups for t in g], hp)
+        t0 = time.perf_counter()
+        C = self.covariances(hp)
+        timings["stats_s"] = time.perf_counter() - t0
         state_before = self.weights_state()
         if self._ledger_path is not None and self.ledger is None:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
@@ -321,13 +331,24 @@ class Editor:
                  progress: bool) -> TargetResult:
         def run(work: nn.Module) -> TargetResult:
             tr = compute_targets(work, self.tokenizer, self.adapter, batch, templates, hp.layers[-1], hp,
-                                 anchor=hp.anchor, progress=self.progress and progress)
+                                 anchor=hp.anchor, progress=self.progress and progress,
+                                 budget=memory_budget(model_device(work), self.memory_budget))
             tr.provenance = self._provenance(batch, templates, hp)
             return tr
         if shared is not None:
             return run(shared)
         with working_copy(self.model, hp.compute_dtype) as work:  # freed before the keys are read
             return run(work)
+
+    def _target_chunks(self, reqs: list[EditRequest], templates: list[str], hp: EditHParams) -> list[tuple[int, int]]:
+        """The chunks the target optimisation of ``reqs`` will run in under the memory budget (see
+        :func:`lmedit.core.targets.plan_chunks`); estimated for the compute dtype it will run in."""
+        device = model_device(self.model)
+        budget = memory_budget(device, self.memory_budget)
+        dtype = compute_dtype(hp.compute_dtype, device)
+        scale = 1.0 if dtype is None else torch.finfo(dtype).bits / torch.finfo(model_dtype(self.model)).bits
+        return plan_chunks(self.model, self.tokenizer, self.adapter, reqs, templates, hp.layers[-1],
+                           1 if hp.sequential else hp.chunk_requests, None if budget is None else int(budget / scale))
 
     def _check_lengths(self, reqs: list[EditRequest], groups: list[list[str]]) -> None:
         """Refuse, before any work, a request that with its longest context template and its target

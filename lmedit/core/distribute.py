@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmedit.core import solvers
-from lmedit.core.keys import collect_keys, read_at_subject, residual_stream
+from lmedit.core.keys import PromptStates, bare_prompts, collect_keys, key_prompts, residual_stream
 from lmedit.core.weights import WeightTransaction
 from lmedit.errors import HyperparameterError
 from lmedit.models.adapters import ModelAdapter
@@ -86,18 +86,32 @@ class Pieces:
     timings: dict[str, float] = field(default_factory=lambda: {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0})
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the K its (last) solve used
     written: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum of this batch's writes
+    versions: dict[int, int] = field(default_factory=dict)  # layer -> writes so far (what kept states check)
+    _states: dict[str, PromptStates] = field(default_factory=dict, repr=False)
+
+    def states(self, which: str) -> PromptStates:
+        """The batch's template prompts ("keys") or bare prompts ("bare"), tokenised once, with the
+        hidden states below the layers being written kept between passes (see PromptStates)."""
+        if which not in self._states:
+            prompts = key_prompts(self.requests, self.template_groups) if which == "keys" else bare_prompts(self.requests)
+            self._states[which] = PromptStates(self.model, self.tokenizer, self.adapter, *prompts,
+                                               floor=min(self.layers))
+        return self._states[which]
 
     def keys_at(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """{layer: K (B, d_in)} with the weights as they are now (one forward pass)."""
+        """{layer: K (B, d_in)} with the weights as they are now (one pass, from the deepest valid
+        kept state below the layers)."""
         t0 = time.perf_counter()
-        K = collect_keys(self.model, self.tokenizer, self.adapter, self.requests, self.template_groups, list(layers))
+        K = collect_keys(self.model, self.tokenizer, self.adapter, self.requests, self.template_groups, list(layers),
+                         states=self.states("keys"), versions=self.versions)
         self.timings["keys_s"] += time.perf_counter() - t0
         return K
 
     def missing(self) -> torch.Tensor:
         """z* - z_now (B, d): what the last layer's output still lacks on the bare prompts."""
         t0 = time.perf_counter()
-        z_now = residual_stream(self.model, self.tokenizer, self.adapter, self.requests, self.layers[-1])
+        z_now = residual_stream(self.model, self.tokenizer, self.adapter, self.requests, self.layers[-1],
+                                states=self.states("bare"), versions=self.versions)
         self.timings["residual_s"] += time.perf_counter() - t0
         return self.targets - z_now
 
@@ -112,9 +126,8 @@ class Pieces:
         written as is (measured better on Gemma 3: results/gemma_postnorm)."""
         if self._through_norm():
             t0 = time.perf_counter()
-            out = read_at_subject(self.model, self.tokenizer, {"o": self.adapter.edit_module(self.model, layer)},
-                                  [r.prompt for r in self.requests], [r.subject for r in self.requests],
-                                  capture="output")["o"]
+            out = self.states("bare").read({"o": (layer, self.adapter.edit_module(self.model, layer))},
+                                           capture="output", versions=self.versions)["o"]
             self.timings["residual_s"] += time.perf_counter() - t0
             R = self.adapter.output_change(self.model, layer, R, out)
         t0 = time.perf_counter()
@@ -142,6 +155,7 @@ class Pieces:
     def write(self, layer: int, dW: torch.Tensor, K: torch.Tensor, missing: torch.Tensor) -> None:
         """W_layer += dW, with the diagnostics (``missing``: the residual the solve saw, before any share)."""
         self.tx.add(layer, dW)
+        self.versions[layer] = self.versions.get(layer, 0) + 1
         self.keys[layer] = K
         self.written[layer] = dW + self.written[layer] if layer in self.written else dW
         self.info[layer] = {

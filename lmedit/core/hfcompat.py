@@ -66,11 +66,20 @@ def only_blocks_after(adapter: ModelAdapter, model: nn.Module, layer: int) -> It
     parent_path, _, name = adapter.blocks.rpartition(".")
     parent = adapter.resolve(model, parent_path) if parent_path else model
     full = getattr(parent, name)
+    # models that pick each block's attention mask and rotary embedding by its position in the list
+    # (Gemma 2/3, Qwen2/3: ``config.layer_types[i]``) see the same cut in their config
+    configs = {id(c): c for c in (getattr(model, "config", None), getattr(parent, "config", None))
+               if isinstance(getattr(c, "layer_types", None), list) and len(c.layer_types) == len(full)}
+    types = {k: c.layer_types for k, c in configs.items()}
     setattr(parent, name, nn.ModuleList(list(full)[layer + 1:]))
     try:
+        for k, c in configs.items():
+            c.layer_types = types[k][layer + 1:]
         yield
     finally:
         setattr(parent, name, full)
+        for k, c in configs.items():
+            c.layer_types = types[k]
 
 
 @contextmanager

@@ -47,7 +47,7 @@ from torch import nn
 from lmedit.config import Config, param
 from lmedit.core.hfcompat import KV, attention_impl, cache_kwarg, cache_to_kv, frozen, make_cache, only_blocks_after
 from lmedit.core.layout import TargetLayout, build_layout, buckets
-from lmedit.errors import SolveError
+from lmedit.errors import RequestError, SolveError
 from lmedit.hooks import ReplaceInput, Trace
 from lmedit.models.adapters import ModelAdapter
 from lmedit.models.precision import COMPUTE_DTYPES, model_device, module_device
@@ -121,8 +121,12 @@ def compute_targets(
     *,
     anchor: str = "block",
     progress: bool = False,
+    budget: int | None = None,
 ) -> TargetResult:
     """Optimise one target vector per request at block ``layer`` (see the module docstring).
+
+    ``budget``: bytes the optimisation may allocate; chunks estimated above it are split (see
+    :func:`plan_chunks`; the vectors do not depend on the chunking).
 
     ``model`` is the model the optimisation runs on, already in the compute dtype (see
     ``lmedit.models.precision.working_copy``); ``templates[0]`` must be ``"{}"``.
@@ -132,13 +136,67 @@ def compute_targets(
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     parts = []
-    step = config.chunk_requests
+    chunks = plan_chunks(model, tokenizer, adapter, requests, templates, layer, config.chunk_requests, budget)
     with tqdm(total=len(requests), desc="target vectors", unit="req", disable=not progress) as bar:
-        for start in range(0, len(requests), step):
-            chunk = requests[start:start + step]
+        for start, stop in chunks:
+            chunk = requests[start:stop]
             parts.append(_optimise_chunk(model, tokenizer, adapter, chunk, templates, layer, config, anchor))
             bar.update(len(chunk))
     return TargetResult.concat(parts)
+
+
+def estimate_bytes(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, layer: int) -> int:
+    """Estimated peak bytes the optimisation of one chunk laid out as ``lay`` allocates on ``model``
+    (in its compute dtype): the prefix KV cache of every layer (and its per-bucket selection), the
+    block outputs kept at the suffix columns, one forward and backward pass of every row through
+    blocks ``layer + 1``.. (each block's saved activations: about 12 hidden-width, 4 MLP-width and
+    2 KV-width vectors per token, and the attention probabilities), and the logits the loss reads.
+    Checked against measured peak memory by ``benchmarks/memory.py``."""
+    cfg = getattr(model, "config", None)
+    b = next(model.parameters()).element_size()
+    d_out, d_in = adapter.weight(model, layer).shape
+    d, d_mlp = int(d_out), int(d_in)  # the edited projection maps the MLP width back to the hidden width
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1)
+    head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+    kv_dim = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    vocab = int(adapter.unembed_module(model).weight.shape[0])
+    n_layers = adapter.n_layers(model)
+    N, W = lay.ids.shape
+    S, T = lay.S, W - lay.S
+    prefix_kv = 2 * n_layers * N * S * 2 * kv_dim * b
+    kept = N * T * d * b
+    per_token = (12 * d + 4 * d_mlp + 2 * kv_dim + 2 * heads * (S + T)) * b
+    steps = (n_layers - layer - 1) * N * T * per_token
+    logits = (lay.loss_tok.numel() + int(lay.is_kl.sum())) * vocab * 4 * 4
+    return int(prefix_kv + kept + steps + logits)
+
+
+def plan_chunks(model: nn.Module, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
+                templates: Sequence[str], layer: int, chunk_requests: int, budget: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of the chunks of requests optimised together: ``chunk_requests`` at a time,
+    halved where a chunk's :func:`estimate_bytes` exceeds ``budget`` (None: no bound). A request
+    that does not fit alone is refused before any work, naming it, its estimate and the budget."""
+    out, todo = [], [(s, min(s + chunk_requests, len(requests))) for s in range(0, len(requests), chunk_requests)]
+    while todo:
+        start, stop = todo.pop(0)
+        if budget is None:
+            out.append((start, stop))
+            continue
+        need = estimate_bytes(model, adapter, build_layout(tokenizer, requests[start:stop], templates), layer)
+        if need <= budget:
+            out.append((start, stop))
+        elif stop - start > 1:
+            mid = (start + stop) // 2
+            todo[:0] = [(start, mid), (mid, stop)]
+        else:
+            r = requests[start]
+            raise RequestError(f"request {r.case_id if r.case_id is not None else start} ({r.subject!r}): its target "
+                               f"optimisation needs about {need / 2**30:.2f} GiB with {len(templates)} context templates, "
+                               f"more than the memory budget of {budget / 2**30:.2f} GiB (set LMEDIT_MEMORY_BUDGET, "
+                               "--memory-budget or Editor(memory_budget=) higher, or use fewer context templates)")
+    if budget is not None and len(out) > -(-len(requests) // chunk_requests):
+        log.info("target optimisation in %d chunks (memory budget %.2f GiB)", len(out), budget / 2**30)
+    return out
 
 
 @dataclass

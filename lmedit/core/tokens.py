@@ -100,16 +100,27 @@ def pad_id(tokenizer) -> int:
     return int(pid)
 
 
-def token_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices (sorted by length) so each group's padded size stays under ``max_tokens``."""
+# Padding share at which a batch of short texts (prompts) is cut: measured on 64 CounterFact records
+# prompts, 9.0k padded tokens for 8.6k real in 16 passes, against 15.4k in 2 passes without it, and
+# small batches that stay in cache (benchmarks/run.py, evaluation).
+MAX_PADDING = 0.1
+
+
+def token_chunks(lengths: Sequence[int], max_tokens: int, *, max_padding: float | None = None) -> list[list[int]]:
+    """Group indices (sorted by length) so each group's padded size stays under ``max_tokens``;
+    ``max_padding``: also start a new group where padding would exceed that share of the group's
+    padded tokens (forward passes over short texts: less padding, and batches that stay in cache)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     cur: list[int] = []
+    total = 0
     for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+        size = (len(cur) + 1) * lengths[i]
+        if cur and (size > max_tokens or (max_padding is not None and size - total - lengths[i] > max_padding * size)):
             groups.append(cur)
-            cur = []
+            cur, total = [], 0
         cur.append(i)
+        total += lengths[i]
     if cur:
         groups.append(cur)
     return groups

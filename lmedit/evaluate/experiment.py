@@ -24,7 +24,7 @@ from lmedit.errors import HyperparameterError
 from lmedit.evaluate.metrics import aggregate, harmonic_mean
 from lmedit.methods import EditHParams
 from lmedit.presets import resolve_hparams
-from lmedit.evaluate.runner import EasyEditMetrics, evaluate_requests
+from lmedit.evaluate.runner import EVAL_DTYPE, EasyEditMetrics, evaluate_requests
 from lmedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def run_eval(
     preset: str | None = None,
     hparams: EditHParams | None = None,
     stats_dir: str | None = None,
+    eval_dtype: str = EVAL_DTYPE,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after.
+    """Edit ``requests`` in batches of ``batch_size`` and report metrics before and after
+    (measured in ``eval_dtype``, see :data:`lmedit.evaluate.runner.EVAL_DTYPE`).
 
     Without ``sequential`` every batch starts from the unedited model (undone after its
     evaluation); with it the batches accumulate and the post-edit metrics are measured once,
@@ -73,8 +75,8 @@ def run_eval(
         raise HyperparameterError(f"batch_size must be an int >= 1, got {batch_size!r}")
     t_all = time.perf_counter()
     editor = Editor(model, tokenizer, method, preset=preset, hparams=hparams, stats_dir=stats_dir, **overrides)
-    ee = EasyEditMetrics(model, tokenizer, requests) if easyedit else None  # reference tokens: the unedited model
-    evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee)
+    ee = EasyEditMetrics(model, tokenizer, requests, dtype=eval_dtype) if easyedit else None  # reference: unedited
+    evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee, dtype=eval_dtype)
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
     timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0, "eval_s": 0.0}
     pre = _gathered(evaluate, model, tokenizer, batches, timings) if pre is None else \
@@ -91,7 +93,7 @@ def run_eval(
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
         "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
-        "world_size": rank_world()[1],
+        "world_size": rank_world()[1], "eval_dtype": eval_dtype,
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
 
@@ -175,6 +177,7 @@ def run_sweep(
     method_overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     stats_dir: str | None = None,
+    eval_dtype: str = EVAL_DTYPE,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Every (method, batch size) cell: one JSON each (a finished cell with the same settings is
@@ -198,7 +201,8 @@ def run_sweep(
             result = from_main(_finished_cell(cell, want, len(requests), kind) if main else None)
             if result is None:
                 result = run_eval(model, tokenizer, requests, method=method, batch_size=bs, kind=kind,
-                                  model_name=model_name, progress=progress and main, pre=pre, stats_dir=stats_dir, **kw)
+                                  model_name=model_name, progress=progress and main, pre=pre, stats_dir=stats_dir,
+                                  eval_dtype=eval_dtype, **kw)
                 pre = pre or result["pre"]
                 if main:
                     from lmedit._fs import atomic_path

@@ -2,19 +2,24 @@
 
 Example: ``lp, ok = score_continuations(model, tok, ["The capital of France is"], ["Paris"])[0]``
 
-All (prefix, continuation) pairs of all records go through padded batches sorted by length
-(``max_tokens`` padded tokens per pass); logits are computed only at the positions that predict
-continuation tokens, not over the vocabulary at every position.
+A pair needs only ``prefix + continuation[:-1]`` as input (the last token is predicted, never
+read). Inputs are shared: a prompt scored with two targets (CounterFact's target_new and
+target_true) runs once when one input is a prefix of the other, e.g. whenever either target is a
+single token, and is read at its own positions (causal attention makes them the same numbers).
+The remaining inputs go through padded batches sorted by length (``max_tokens`` padded tokens per
+pass); logits are computed only at the positions that predict continuation tokens, not over the
+vocabulary at every position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections import defaultdict
 
 import torch
 from torch import nn
 
-from lmedit.core.tokens import encode_continuations, pad, pad_id, token_chunks
+from lmedit.core.tokens import MAX_PADDING, encode_continuations, pad, pad_id, token_chunks
 from lmedit.models.adapters import get_adapter
 from lmedit.models.precision import model_device
 
@@ -36,23 +41,28 @@ def score_continuations(
     directly after a prefix that ends in whitespace (a chat template's assistant turn).
     """
     pairs = encode_continuations(tokenizer, prefixes, continuations)
-    seqs = [p + c for p, c in pairs]
+    seqs, host = shared_inputs(pairs)
+    hosted: list[list[int]] = [[] for _ in seqs]  # per input sequence, the pairs read from it
+    for i, h in enumerate(host):
+        hosted[h].append(i)
     adapter = get_adapter(model)
     device = model_device(model)
     base = adapter.decoder(model)
     unembed = adapter.unembed_module(model)
     pid = pad_id(tokenizer)
-    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(seqs)
-    for group in token_chunks([len(s) for s in seqs], max_tokens):
-        ids, mask = pad([seqs[i] for i in group], pid, side="right")
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(pairs)
+    for group in token_chunks([len(s) for s in seqs], max_tokens, max_padding=MAX_PADDING):
+        ids, mask = pad([seqs[h] for h in group], pid, side="right")
         hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        rows, cols, toks = [], [], []
-        for r, i in enumerate(group):
-            p, c = pairs[i]
-            for k, t in enumerate(c):
-                rows.append(r)
-                cols.append(len(p) - 1 + k)
-                toks.append(t)
+        rows, cols, toks, read = [], [], [], []
+        for r, h in enumerate(group):
+            for i in hosted[h]:
+                p, c = pairs[i]
+                read.append(i)
+                for k, t in enumerate(c):
+                    rows.append(r)
+                    cols.append(len(p) - 1 + k)
+                    toks.append(t)
         at = hidden.device  # the final norm's device (a split model's last one)
         logits = unembed(hidden[torch.tensor(rows, device=at), torch.tensor(cols, device=at)]).float()
         lp = torch.log_softmax(logits, -1)
@@ -62,12 +72,35 @@ def score_continuations(
         correct = (best == toks_t).cpu()
         best = best.cpu()
         start = 0
-        for i in group:
+        for i in read:
             n = len(pairs[i][1])
             part = (tok_lp[start:start + n], correct[start:start + n])
             out[i] = (*part, best[start:start + n]) if with_argmax else part
             start += n
     return out  # type: ignore[return-value]
+
+
+def shared_inputs(pairs: Sequence[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int]]:
+    """The input sequences to run for (prefix ids, continuation ids) pairs, and per pair the index of
+    the one it is read from: each pair needs ``prefix + continuation[:-1]``; among pairs with the same
+    prefix, an input that is a prefix of another's is read from the longer one."""
+    by_prefix: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, (p, _) in enumerate(pairs):
+        by_prefix[tuple(p)].append(i)
+    seqs: list[list[int]] = []
+    host = [0] * len(pairs)
+    for group in by_prefix.values():
+        need = {i: pairs[i][0] + pairs[i][1][:-1] for i in group}
+        chosen: list[int] = []  # indices into seqs, longest first
+        for i in sorted(group, key=lambda i: -len(need[i])):
+            s = need[i]
+            h = next((h for h in chosen if seqs[h][:len(s)] == s), None)
+            if h is None:
+                h = len(seqs)
+                seqs.append(s)
+                chosen.append(h)
+            host[i] = h
+    return seqs, host
 
 
 @torch.no_grad()

@@ -113,6 +113,21 @@ def test_edit_json_report(work, capsys):
         assert r["post"]["p_new"] > 3 * r["pre"]["p_new"], r
 
 
+def test_edit_refuses_a_request_over_the_memory_budget(work, tmp_path, capsys):
+    out = tmp_path / "deltas.safetensors"
+    rc = main(["edit", "--model", str(work / "model"), "--requests", str(work / "requests.json"),
+               "--memory-budget", "1KB", "--save-deltas", str(out), *SMALL_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "memory budget of 0.00 GiB" in err and "Xanadu" in err, err
+    assert not out.exists()
+    rc = main(["edit", "--model", str(work / "model"), "--requests", str(work / "requests.json"),
+               "--memory-budget", "lots", *SMALL_ARGS])
+    assert rc == 2 and "memory size 'lots'" in capsys.readouterr().err
+    import os
+
+    assert "LMEDIT_MEMORY_BUDGET" not in os.environ  # main() put the environment back
+
+
 def test_edit_save_deltas_and_model_reproduce_the_edit(work, tmp_path, capsys):
     deltas, saved = tmp_path / "edit.safetensors", tmp_path / "edited"
     rc = main(["edit", "--model", str(work / "model"), "--requests", str(work / "requests.json"), "--json",

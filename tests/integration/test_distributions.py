@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import lmedit
-from helpers import REQUESTS, assert_same, edit_kwargs, rose, snapshot, spd_covariances, target_logprob
+from helpers import ARCHS, REQUESTS, assert_same, edit_kwargs, rose, snapshot, spd_covariances, target_logprob
 from lmedit.core.distribute import LayerSystem, Pieces, distribute, distribution_names, register_distribution
-from lmedit.core.keys import collect_keys, residual_stream
+from lmedit.core.keys import PromptStates, collect_keys, key_prompts, residual_stream
 from lmedit.errors import HyperparameterError
 from lmedit.methods import get_method
 
@@ -71,6 +71,32 @@ def test_spread_is_the_former_algorithm_bit_for_bit(method, fresh, tokenizer):
     want = _old_spread(model, tokenizer, ed.adapter, REQUESTS, ed.template_groups(), list(ed.hparams.layers),
                        res.targets.targets, ed.systems(ed.hparams, C), ed.hparams.solver())
     assert all(torch.equal(res.deltas[l], want[l]) for l in want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kept_states_give_the_full_passes_keys_bit_for_bit(arch, fresh, tokenizer):
+    """Keys read layer after layer while layers are written, starting each pass at a kept state,
+    equal keys read from the embeddings; a write below a kept state sends the next pass lower."""
+    model = fresh(arch)
+    adapter = lmedit.get_adapter(model)
+    groups = [["{}"], ["Some text. {}", "A b c d e f. {}"]]
+    states = PromptStates(model, tokenizer, adapter, *key_prompts(REQUESTS, groups), floor=1)
+    versions: dict[int, int] = {}
+    gen = torch.Generator().manual_seed(0)
+    from lmedit.core.weights import WeightTransaction
+
+    with WeightTransaction(model, adapter) as tx:
+        for layer in (1, 2, 3, 2):
+            got = collect_keys(model, tokenizer, adapter, REQUESTS, groups, [layer], states=states, versions=versions)
+            want = collect_keys(model, tokenizer, adapter, REQUESTS, groups, [layer])
+            assert torch.equal(got[layer], want[layer]), (arch, layer)
+            W = adapter.weight(model, layer)
+            tx.add(layer, 0.05 * torch.randn(W.shape, generator=gen) * W.detach().float().std())
+            versions[layer] = versions.get(layer, 0) + 1
+        tx.rollback()
+    # pass 1 from the embeddings; 2 and 3 from the state kept by the pass before; the last pass
+    # reads layer 2 after layer 2 and 3 were written: from the floor (layer 1's input), not 0
+    assert states.passes == [(0, 1), (1, 2), (2, 3), (1, 2)]
 
 
 @pytest.mark.parametrize("method", OBJECTIVES)

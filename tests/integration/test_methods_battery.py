@@ -166,13 +166,14 @@ def test_interrupt_inside_a_traced_forward_pass_changes_nothing(arch, fresh, tok
         calls.append(1)
         if len(calls) < 2:
             return real(model_, *args, **kwargs)
-        block0 = lmedit.get_adapter(model_).block(model_, 0)
+        # the second pass starts at the state kept below layer 2 (PromptStates): block 2 is entered
+        block2 = lmedit.get_adapter(model_).block(model_, 2)
 
         def boom(*_):
             assert count_hooks(model_) > 1  # lmedit's Trace is on the model now
             raise KeyboardInterrupt
 
-        h = block0.register_forward_hook(boom)
+        h = block2.register_forward_pre_hook(boom)
         try:
             return real(model_, *args, **kwargs)
         finally:

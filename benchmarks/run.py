@@ -26,7 +26,7 @@ import lmedit
 from lmedit._runtime import configure_threads
 from lmedit.core.context import context_templates
 from lmedit.core.corpus import load_corpus
-from lmedit.core.keys import collect_keys
+from lmedit.core.keys import STATE_BYTES, PromptStates, collect_keys, key_prompts
 from lmedit.core.solvers import emmet, memit
 from lmedit.core.stats import second_moments
 from lmedit.core.targets import TargetConfig, compute_targets
@@ -34,6 +34,8 @@ from lmedit.core.tokens import pad, pad_id, token_chunks
 from lmedit.evaluate.runner import record_scores
 from lmedit.hooks import Trace
 from lmedit.models.precision import model_device, working_copy
+
+from eval_dtype import old_scoring  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact" / "counterfact_500.json"
 
@@ -105,11 +107,29 @@ def bench_targets(model, tok, adapter, args, layers, requests, flat, rows) -> di
     return out
 
 
+def spread_keys(model, tok, adapter, batch, groups, layers, kept: bool) -> float:
+    """Seconds to read the keys layer by layer as the spread distribution does (a write counted after
+    each layer), with the hidden states below kept between passes (PromptStates) or each pass from
+    the embeddings (as lmedit did before)."""
+    states = PromptStates(model, tok, adapter, *key_prompts(batch, groups), floor=layers[0],
+                          state_bytes=STATE_BYTES if kept else 0)
+    versions: dict[int, int] = {}
+    t = time.perf_counter()
+    for layer in layers:
+        collect_keys(model, tok, adapter, batch, groups, [layer], states=states, versions=versions)
+        versions[layer] = versions.get(layer, 0) + 1
+    return time.perf_counter() - t
+
+
 def bench_keys_and_solves(model, tok, adapter, layers, requests, groups, rows) -> dict:
     batch = requests[:64]
     _, t_keys = timed(lambda: collect_keys(model, tok, adapter, batch, groups, layers))
     out: dict = {"keys_s_per_request": t_keys / len(batch)}
-    rows.append((f"keys ({len(layers)} layers)", f"{t_keys / len(batch) * 1000:.0f} ms/request", "batch 64"))
+    rows.append((f"keys ({len(layers)} layers)", f"{t_keys / len(batch) * 1000:.0f} ms/request", "batch 64, one pass"))
+    t_full, t_kept = (spread_keys(model, tok, adapter, batch, groups, layers, kept) for kept in (False, True))
+    out["spread_keys"] = {"from_embeddings_s": t_full, "kept_states_s": t_kept, "speedup": t_full / t_kept}
+    rows.append(("keys, spread", f"{t_kept:.1f} s with kept states, {t_full:.1f} s from the embeddings",
+                 f"x{t_full / t_kept:.2f}, batch 64, L{layers[0]}-{layers[-1]} one by one"))
     d_out, d_in = adapter.weight(model, layers[0]).shape
     X = torch.randn(4 * d_in, d_in, dtype=torch.float64)
     C = X.T @ X / X.shape[0]
@@ -127,8 +147,11 @@ def bench_evaluation(model, tok, requests, rows) -> dict:
     ev = requests[:64]
     n_prompts = sum(2 * (1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts)) for r in ev)
     _, t_ev = timed(lambda: record_scores(model, tok, ev))
-    rows.append(("evaluation", f"{n_prompts / t_ev:.0f} prompts/s", f"{len(ev)} CounterFact records"))
-    return {"prompts": n_prompts, "seconds": t_ev, "prompts_per_s": n_prompts / t_ev}
+    t_old = old_scoring(model, tok, ev)
+    rows.append(("evaluation", f"{n_prompts / t_ev:.0f} prompts/s", f"{len(ev)} CounterFact records, model dtype; "
+                 f"scoring before prefix sharing: {n_prompts / t_old:.0f} prompts/s (x{t_old / t_ev:.2f})"))
+    return {"prompts": n_prompts, "seconds": t_ev, "prompts_per_s": n_prompts / t_ev,
+            "old_scoring_prompts_per_s": n_prompts / t_old}
 
 
 def main() -> int:

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmedit._fs import cache_root
 from lmedit._runtime import memory_budget, parse_bytes
 from lmedit.chat import chat_groups, has_chat_template
-from lmedit.core.context import context_templates
+from lmedit.core.context import cached_context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
@@ -197,8 +198,10 @@ class Editor:
         """The context-template groups, generated from the model on first use and then shared."""
         hp = hp or self.hparams
         key = (hp.context_templates, hp.seed)
-        if key not in self._context:
-            self._context[key] = context_templates(self.model, self.tokenizer, hp.context_templates, seed=hp.seed)
+        if key not in self._context:  # generated once per model and settings, then read from the cache
+            self._context[key] = cached_context_templates(
+                self.model, self.tokenizer, hp.context_templates, seed=hp.seed, fingerprint=self.base_fingerprint,
+                directory=(self.stats_dir or cache_root()) / "context")
         return self._context[key]
 
     def template_groups(self, hp: EditHParams | None = None) -> list[list[str]]:

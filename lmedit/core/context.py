@@ -11,11 +11,18 @@ the reference does not. Keys are averaged within each group, then across groups.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from lmedit._fs import atomic_path
 from lmedit.models.precision import model_device
+
+log = logging.getLogger(__name__)
 
 SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -46,3 +53,32 @@ def context_templates(
                     group.append(text + ". {}")
             groups.append(group)
     return groups
+
+
+def cached_context_templates(model, tokenizer, spec: Sequence[tuple[int, int]], *, seed: int, fingerprint: str,
+                             directory: str | Path) -> list[list[str]]:
+    """:func:`context_templates`, generated once per model (``fingerprint`` of its weights), spec and
+    seed, then read from ``directory`` (a JSON file per key; an unreadable one is generated again)."""
+    key = {"model": fingerprint, "spec": [list(map(int, x)) for x in spec], "seed": int(seed), "seeds": list(SEEDS)}
+    path = Path(directory) / f"context-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key and _well_formed(stored.get("groups")):
+            return stored["groups"]
+        log.warning("context template cache %s does not match its key; generating the templates again", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("context template cache %s is unreadable (%s); generating the templates again", path, e)
+    groups = context_templates(model, tokenizer, spec, seed=seed)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"key": key, "groups": groups}))
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.warning("could not write the context template cache %s: %s", path, e)
+    return groups
+
+
+def _well_formed(groups) -> bool:
+    return (isinstance(groups, list) and bool(groups) and groups[0] == ["{}"]
+            and all(isinstance(g, list) and g and all(isinstance(t, str) and t.count("{}") == 1 for t in g) for g in groups))

@@ -92,3 +92,19 @@ def test_budget_defaults_to_available_memory(monkeypatch):
     monkeypatch.setenv("LMEDIT_MEMORY_BUDGET", "nonsense")
     with pytest.raises(ValueError, match="LMEDIT_MEMORY_BUDGET"):
         memory_budget()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(arch, make_tiny, tokenizer, monkeypatch):
+    model = make_tiny(arch)  # a context of 256 positions
+    before = snapshot(model)
+    import lmedit.editor as editor_module
+
+    def no_statistics(*a, **k):
+        raise AssertionError("statistics were computed before the length check")
+
+    monkeypatch.setattr(editor_module, "second_moments", no_statistics)
+    long = lmedit.EditRequest("word " * 300 + "and {} speaks", "Xanadu", "French", case_id=7)
+    with pytest.raises(RequestError, match=r"request 7: .* take \d+ tokens, more than the model's context of 256"):
+        lmedit.Editor(model, tokenizer, "emmet", **edit_kwargs("emmet")).edit([REQUESTS[0], long])
+    assert not changed(model, before) and count_hooks(model) == 0

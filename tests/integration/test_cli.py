@@ -244,7 +244,9 @@ def test_eval_json(work, shared_model, tmp_path, capsys, sequential):
             res.undo()
     for k in ("efficacy_score", "paraphrase_score", "neighborhood_magnitude", "efficacy_magnitude"):
         expect = sum(p[k] for p in parts) / len(parts)
-        assert out["post"][k] == pytest.approx(expect, rel=1e-6, abs=1e-9), k
+        # float32 scores depend on how prompts were batched (padding) at about 1e-7 relative; the
+        # magnitudes are differences of probabilities, so their absolute tolerance is what counts
+        assert out["post"][k] == pytest.approx(expect, rel=1e-6, abs=1e-8), k
 
 
 @needs_data
@@ -320,7 +322,7 @@ def test_sweep_cells_share_the_unedited_metrics(first_sweep, work):
     want.pop("eval_s")
     pres = [json.loads(_cell(first_sweep.out_dir, m, b).read_text())["pre"] for m, b in GRID]
     assert all(p == pres[0] for p in pres[1:])
-    assert pres[0] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert pres[0] == pytest.approx(want, rel=1e-9, abs=1e-8)  # batching moves float32 scores (see test_eval_json)
 
 
 @needs_data

@@ -12,7 +12,15 @@ layer 5, statistics over 2,000 excerpt paragraphs (bf16 forward), plain prompts.
 * ``emmet-through-norm``: the same, but each share converted through the norm first
   (``ModelAdapter.output_change``: the change of the projection's output the norm turns into the
   share, to first order), which lmedit applies only to targets optimised at the MLP output;
-* ``rome``: ROME with its v* optimised at the MLP output before the norm, and converted.
+* ``emmet-mlp-site``: EMMET with its targets optimised where the last layer's edit is written, at
+  its MLP output before the norm (``target_site="mlp"``), so the
+  target is reachable; each layer's share of the residual still missing is converted through its
+  norm;
+* ``emmet-single-mlp``, ``memit-single-mlp``: the ``gemma-3-270m`` preset: layer 5 alone (one
+  layer, the whole batch), the targets at that layer's MLP output as ROME's (clamp 2.0; MEMIT's
+  lambda 15);
+* ``rome``: ROME (the preset: layer 5) with its v* optimised at the MLP output before the norm,
+  and converted.
 
 Reports per variant: mean log-prob per token of target_new on the edited prompts after the edit,
 ES / PS / NS (CounterFact), the target optimisation's own probability and per-layer diagnostics.
@@ -41,7 +49,7 @@ def mean_lp(model, tok, reqs) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--variants", default="emmet,emmet-through-norm,rome")
+    ap.add_argument("--variants", default="emmet,emmet-through-norm,emmet-mlp-site,emmet-single-mlp,memit-single-mlp,rome")
     ap.add_argument("--out", default="results/gemma_postnorm")
     args = ap.parse_args()
     from lmedit._runtime import configure_threads
@@ -61,9 +69,13 @@ def main() -> None:
         if cell.exists():
             print(variant, cell.read_text())
             continue
-        method = "rome" if variant == "rome" else "emmet"
-        layers = [5] if method == "rome" else [3, 4, 5, 6, 7]
-        editor = lmedit.Editor(model, tok, method, layers=layers, **common)
+        method = variant.split("-")[0]
+        if variant.endswith("single-mlp") or variant == "rome":  # the gemma-3-270m preset (one layer, MLP-output site)
+            editor = lmedit.Editor(model, tok, method, preset="gemma-3-270m")
+        else:  # generic settings over layers 3-7
+            site = "mlp" if variant.endswith("mlp-site") else "block"
+            editor = lmedit.Editor(model, tok, method, preset="none", layers=[3, 4, 5, 6, 7], target_site=site, **common)
+        layers = list(editor.hparams.layers)
         from lmedit.core.distribute import Pieces
 
         real = Pieces._through_norm

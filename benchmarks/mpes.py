@@ -46,7 +46,7 @@ def main() -> int:
             hp, flat = ed.hparams, [x for g in ed.template_groups() for x in g]  # templates: cached, not timed
             t = time.perf_counter()
             with working_copy(model, hp.compute_dtype) as work:
-                tr = compute_targets(work, tok, ed.adapter, reqs, flat, hp.layers[-1], hp, anchor=hp.anchor)
+                tr = compute_targets(work, tok, ed.adapter, reqs, flat, hp.layers[-1], hp, anchor=hp.site)
             got[stop].append({"seconds": time.perf_counter() - t, "mean_steps": float(tr.steps.float().mean()),
                               "mean_target_prob": float(tr.target_prob.mean())})
             print(stop, got[stop][-1], flush=True)

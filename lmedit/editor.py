@@ -293,6 +293,11 @@ class Editor:
         preserve_edits; committed by the caller only if the whole edit succeeds)."""
         from tqdm.auto import tqdm
 
+        if self.adapter.post_mlp_norm is not None and len(hp.layers) > 1 and hp.distribution != "single":
+            log.warning("%s normalises each MLP output before the residual add (%s): edits shared over layers %s "
+                        "land weakly or blow the weights up there (results/gemma_postnorm); one layer with "
+                        "distribution='single' and target_site='mlp' lands (the gemma-3-270m preset)",
+                        self.adapter.model_type, self.adapter.post_mlp_norm, list(hp.layers))
         batches = [[r] for r in reqs] if hp.sequential else [reqs]
         flat = [t for g in groups for t in g]
         parts, infos, keys = [], [], {}
@@ -307,7 +312,7 @@ class Editor:
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
                     self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
-                    hp.solver(), hp.joint_form, hp))
+                    hp.solver(), hp.joint_form, hp, site=hp.site))
                 for l, k in K.items():
                     keys[l] = torch.cat([keys[l], k]) if l in keys else k
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
@@ -334,7 +339,7 @@ class Editor:
                  progress: bool) -> TargetResult:
         def run(work: nn.Module) -> TargetResult:
             tr = compute_targets(work, self.tokenizer, self.adapter, batch, templates, hp.layers[-1], hp,
-                                 anchor=hp.anchor, progress=self.progress and progress,
+                                 anchor=hp.site, progress=self.progress and progress,
                                  budget=memory_budget(model_device(work), self.memory_budget))
             tr.provenance = self._provenance(batch, templates, hp)
             return tr
@@ -370,7 +375,7 @@ class Editor:
     def _provenance(self, reqs: Sequence[EditRequest], templates: Sequence[str], hp: EditHParams) -> dict:
         """What target vectors depend on, compared before they are reused."""
         return {"editor": self._id, "weights_state": self.weights_state(), "layer": hp.layers[-1],
-                "anchor": hp.anchor, "config": hp.target_settings(), "templates": list(templates),
+                "anchor": hp.site, "config": hp.target_settings(), "templates": list(templates),
                 "requests": [(r.prompt, r.subject, r.target_new) for r in reqs]}
 
     def _check_reusable(self, targets: TargetResult, reqs: list[EditRequest], groups: list[list[str]],
@@ -385,7 +390,7 @@ class Editor:
         for key, what in (("editor", "another Editor (reuse targets within one Editor)"),
                           ("weights_state", "the model's weights as they were then (undo the edit that produced "
                            "them, and nothing else, before reusing them)"), ("requests", "other requests"),
-                          ("layer", "another target layer"), ("anchor", "another anchor (method)"),
+                          ("layer", "another target layer"), ("anchor", "another target site (method or target_site)"),
                           ("config", "other target-optimisation settings"), ("templates", "other context templates")):
             if targets.provenance.get(key) != want[key]:
                 raise HyperparameterError(f"targets= were computed for {what}; compute them afresh")

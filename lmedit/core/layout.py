@@ -112,21 +112,49 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
     )
 
 
-def buckets(lay: TargetLayout) -> list[Bucket]:
+# What one pass of a bucket costs beyond its tokens, in tokens: each pass reads every weight of the
+# resumed blocks and the head once and runs the decoder's per-layer Python, which for a few rows costs
+# as much as about this many tokens of work (measured on a 2-core CPU with the embedded model: a
+# 1-row matmul of a 576 x 1,536 bf16 weight takes as long as about 30 rows; benchmarks/floors.py).
+PASS_TOKENS = 32
+
+
+def buckets(lay: TargetLayout, pass_tokens: int = PASS_TOKENS) -> list[Bucket]:
     """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
 
     A KL sequence needs one column, a rewrite sequence as many as reach its last target token.
-    Running each group at its own width instead of the widest avoids computing padding.
+    Running each group at its own width instead of the widest avoids computing padding; groups of
+    neighbouring widths are merged where one wider pass costs less than separate ones (each pass
+    counted as its rows x width plus ``pass_tokens``), which matters when there are few rows, e.g.
+    a single request, whose lone KL row would otherwise make a pass of its own.
     """
     n_seq = lay.ids.shape[0]
     need = torch.ones(n_seq, dtype=torch.long, device=lay.ids.device)
     need.scatter_reduce_(0, lay.loss_rows, lay.loss_cols - lay.S + 1, reduce="amax", include_self=True)
     width = torch.tensor([1 << int(math.ceil(math.log2(max(1, n)))) for n in need.tolist()], device=need.device)
     width = torch.clamp(width, max=lay.ids.shape[1] - lay.S)
+    widths = sorted(set(width.tolist()))
     out = []
-    for w in sorted(set(width.tolist())):
-        seqs = torch.nonzero(width == w).squeeze(1)
-        in_bucket = torch.zeros(n_seq, dtype=torch.bool, device=need.device)
-        in_bucket[seqs] = True
-        out.append(Bucket(int(w), seqs, torch.nonzero(in_bucket[lay.loss_rows]).squeeze(1)))
+    for lo, hi in _merged(widths, [int((width == w).sum()) for w in widths], pass_tokens):
+        in_bucket = (width >= widths[lo]) & (width <= widths[hi])
+        seqs = torch.nonzero(in_bucket).squeeze(1)
+        out.append(Bucket(int(widths[hi]), seqs, torch.nonzero(in_bucket[lay.loss_rows]).squeeze(1)))
     return out
+
+
+def _merged(widths: list[int], rows: list[int], pass_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive runs (first, last index) of the sorted ``widths`` that minimise the summed cost
+    sum over runs of (rows in the run x its widest width + pass_tokens): exact, by dynamic programming."""
+    n = len(widths)
+    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i widths
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(i):
+            cost = best[j] + sum(rows[j:i]) * widths[i - 1] + pass_tokens
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    runs, i = [], n
+    while i > 0:
+        runs.append((cut[i], i - 1))
+        i = cut[i]
+    return runs[::-1]

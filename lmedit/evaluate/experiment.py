@@ -78,7 +78,8 @@ def run_eval(
     ee = EasyEditMetrics(model, tokenizer, requests, dtype=eval_dtype) if easyedit else None  # reference: unedited
     evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee, dtype=eval_dtype)
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
-    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0, "eval_s": 0.0}
+    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0, "eval_s": 0.0,
+               "target_steps": 0.0}
     pre = _gathered(evaluate, model, tokenizer, batches, timings) if pre is None else \
         {k: v for k, v in pre.items() if k != "eval_s"}
     editor.context()
@@ -90,6 +91,7 @@ def run_eval(
     timings = _summed_over_ranks(timings)
     n = len(requests)
     timings["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
+    timings["target_steps_per_request"] = timings.pop("target_steps") / max(n, 1)  # optimisation steps, mean
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
         "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
@@ -133,6 +135,8 @@ def _edit_batches(editor: Editor, batches: list[list[EditRequest]], sequential: 
             res = editor.edit(batch)
             for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s"):
                 timings[k] += res.timings.get(k, 0.0)
+            if res.targets is not None:
+                timings["target_steps"] += float(res.targets.steps.sum())
             if not sequential:
                 m = evaluate(model, tok, batch)
                 timings["eval_s"] += m.pop("eval_s")

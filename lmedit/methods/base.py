@@ -3,8 +3,8 @@
 Example: ``hp = get_method("emmet").hparams_cls.from_dict({"layers": [4, 5, 6, 7, 8]})``
 
 A method is one hyperparameter dataclass: its fields (with help text and rules), the closed form
-of its objective (``solver()``), and two class constants: ``anchor`` (what target norms are
-measured against) and ``sequential`` (edit requests one after another, as ROME, instead of as one
+of its objective (``solver()``), and two class constants: ``anchor`` (where its targets are
+optimised by default, see ``target_site``) and ``sequential`` (edit requests one after another, as ROME, instead of as one
 batch). Everything else (keys, targets, statistics, distribution over layers) is shared.
 """
 
@@ -51,6 +51,13 @@ class EditHParams(TargetConfig):
     refit_tol: float = param(0.05, "with distribution='refit': stop once the residual at the last layer is below "
                              "this share of where it started", gt=0)
     refit_passes: int = param(3, "with distribution='refit': at most this many passes", min=1)
+    target_site: str = param("auto", "where the target vector is optimised: 'block' (the residual stream after the "
+                             "last edited layer; MEMIT, EMMET), 'mlp' (the last edited layer's MLP output, where the "
+                             "edit is written; ROME), 'auto' (the method's own). Where a block normalises its MLP "
+                             "output before adding it (Gemma 2/3), 'mlp' targets are reachable and each layer's "
+                             "share is converted through its norm; measured on Gemma 3 they land with one layer "
+                             "(distribution single), not shared over several (results/gemma_postnorm)",
+                             choices=("auto", "block", "mlp"))
     preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
                                  "(sum K_p K_p^T; for lifelong editing)")
 
@@ -69,6 +76,11 @@ class EditHParams(TargetConfig):
                 self.fail(name, f"one of the registered distributions {distribution_names()}")
         if self.refit_base.strip().lower() == "refit":
             self.fail("refit_base", "another distribution than refit")
+
+    @property
+    def site(self) -> str:
+        """The resolved ``target_site``: "block" or "mlp"."""
+        return self.anchor if self.target_site == "auto" else self.target_site
 
     @property
     def needs_null_space(self) -> bool:

@@ -80,6 +80,7 @@ def test_reused_targets_give_the_edit_of_fresh_targets(fresh, tokenizer, covaria
     ("model_changed", "weights as they were"),
     ("other_settings", "other target-optimisation settings"),
     ("other_layer", "another target layer"),
+    ("other_site", "another target site"),
     ("other_editor", "another Editor"),
     ("rome", "sequential method"),
     ("not_targets", "earlier EditResult"),
@@ -97,6 +98,8 @@ def test_reused_targets_are_refused_when_they_do_not_fit(case, match, fresh, tok
         kw = dict(v_lr=0.1)
     elif case == "other_layer":
         kw = dict(layers=[1, 3])
+    elif case == "other_site":
+        kw = dict(target_site="mlp")
     elif case == "other_editor":
         ed = _editor(m, tokenizer, covariances, "memit")
     elif case == "rome":

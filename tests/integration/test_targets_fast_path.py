@@ -85,3 +85,55 @@ def test_targets_do_not_depend_on_batching(tiny_model):
     # chunking is batching too
     chunked = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, dataclasses.replace(hp, chunk_requests=2))
     torch.testing.assert_close(chunked.targets, together.targets, rtol=1e-2, atol=1e-2)
+
+
+def test_bucket_merging_is_optimal_and_keeps_big_groups_apart():
+    import itertools
+    import random
+
+    from lmedit.core.layout import _merged
+
+    def cost(runs, widths, rows, k):
+        return sum(sum(rows[a:b + 1]) * widths[b] + k for a, b in runs)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        widths = sorted(rng.sample([1, 2, 4, 8, 16, 32, 64], n))
+        rows = [rng.randint(1, 40) for _ in widths]
+        k = rng.choice([0, 8, 32, 100])
+        runs = _merged(widths, rows, k)
+        assert [a for a, _ in runs] == [0] + [b + 1 for _, b in runs[:-1]] and runs[-1][1] == n - 1  # a partition
+        brute = min(cost([(a, b - 1) for a, b in zip((0,) + cuts, cuts + (n,))], widths, rows, k)
+                    for m in range(n) for cuts in itertools.combinations(range(1, n), m))
+        assert cost(runs, widths, rows, k) == brute
+    # one request: its lone KL row (width 1) joins the next bucket; 64 requests: every width its own pass
+    assert _merged([1, 4, 16], [1, 6, 6], 32) == [(0, 1), (2, 2)]
+    assert _merged([1, 4, 16], [64, 384, 384], 32) == [(0, 0), (1, 1), (2, 2)]
+    assert _merged([1, 4, 16], [64, 384, 384], 0) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_targets_do_not_depend_on_bucket_merging(tiny_model, monkeypatch):
+    """Every sequence in one pass (no buckets) and each width in its own pass give the same optimisation."""
+    from lmedit.core import layout, targets
+
+    model, tok = tiny_model
+    adapter = get_adapter(model)
+    hp = TargetConfig(v_num_grad_steps=4, v_lr=0.2, clamp_norm_factor=4.0, early_stop_loss=0.0)
+    runs = {}
+    for name, k in (("apart", 0), ("merged", 10 ** 9)):
+        monkeypatch.setattr(targets, "buckets", lambda lay, k=k: layout.buckets(lay, pass_tokens=k))
+        seen = []
+        orig = targets._Resumed.__init__
+
+        def init(self, *a, orig=orig, seen=seen):
+            orig(self, *a)
+            seen.append(len(self.buckets))
+
+        monkeypatch.setattr(targets._Resumed, "__init__", init)
+        runs[name] = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp)
+        runs[name + "_buckets"] = seen[0]
+    assert runs["merged_buckets"] == 1 < runs["apart_buckets"]
+    scale = float(runs["apart"].delta.norm())
+    assert float((runs["merged"].delta - runs["apart"].delta).norm()) < 1e-2 * scale  # padding rounding only
+    torch.testing.assert_close(runs["merged"].loss, runs["apart"].loss, rtol=1e-2, atol=1e-3)

@@ -49,3 +49,27 @@ def test_rome_edits_land_through_the_post_mlp_norm(gemma):
     finally:
         res.undo()
     assert torch.allclose(torch.tensor(mean_lp()), torch.tensor(before), atol=1e-5)
+
+
+@needs_data
+def test_emmet_and_memit_land_with_the_gemma_preset(gemma):
+    """The gemma-3-270m preset (one layer, targets at its MLP output, distribution single) is matched
+    automatically and its batch edits land, leaving the weights as they were after undo."""
+    model, tok = gemma
+    reqs = lmedit.load_requests(DATA)[5000:5004]
+    texts, news = [r.text for r in reqs], [r.target_new for r in reqs]
+
+    def mean_lp():
+        return [float(lp.mean()) for lp, _ in score_continuations(model, tok, texts, news)]
+
+    before = mean_lp()
+    for method in ("emmet", "memit"):
+        editor = lmedit.Editor(model, tok, method, mom2_n_samples=200)
+        assert editor.preset == "gemma-3-270m" and editor.hparams.site == "mlp"
+        res = editor.edit(reqs)
+        try:
+            after = mean_lp()
+            assert all(a > max(b + 3.0, -1.0) for a, b in zip(after, before)), (method, before, after)
+        finally:
+            res.undo()
+        assert torch.allclose(torch.tensor(mean_lp()), torch.tensor(before), atol=1e-5)

@@ -1,0 +1,93 @@
+"""Which part of a long run's accumulated update costs the known facts? Ablations of a ledger.
+
+Usage::
+
+    python benchmarks/ledger_ablation.py --ledger results/lifelong2000/ledgers/encore \\
+        --state results/lifelong2000/encore.json [--sample 200] [--out results/lifelong2000/ablation_encore.json]
+
+Loads the embedded model, sums the ledger's deltas per layer (``Ledger.total_deltas``) and measures
+the model with (a) every layer's accumulated update, (b) every layer's but one, for each edited
+layer, (c) the whole update scaled by 0.5, and (d) none: efficacy / paraphrase / neighbourhood
+scores (CounterFact) of a fixed sample of the edited facts (every k-th request of the ledger) and
+the share of the unedited model's known facts (the list the lifelong run kept in ``--state``) it
+still answers. Reading: whether the damage sits in one layer (the one taking most of the update)
+or grows with the update's size as a whole. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit._fs import atomic_path
+from lmedit._runtime import configure_threads
+from lmedit.evaluate.retention import answered
+from lmedit.evaluate.runner import evaluate_requests
+from lmedit.ledger import Ledger
+from lmedit.models.loading import fingerprint
+from lmedit.requests import EditRequest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ledger", required=True)
+    ap.add_argument("--state", required=True, help="the lifelong run's JSON (its 'known' facts)")
+    ap.add_argument("--sample", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    threads = configure_threads()
+    model, tok = lmedit.load_model()
+    adapter = lmedit.get_adapter(model)
+    ledger = Ledger.open(args.ledger)
+    ledger.check_base(model, adapter, fingerprint(model, adapter))
+    reqs = [EditRequest.from_dict(r) for i in range(len(ledger.batches)) for r in ledger.read_batch(i).requests]
+    sample = reqs[::max(1, len(reqs) // args.sample)][:args.sample]
+    known = json.loads(Path(args.state).read_text())["known"]
+    total = ledger.total_deltas()
+    W0 = {l: adapter.weight(model, l).detach().clone() for l in total}
+
+    def set_update(scale: dict[int, float]) -> None:
+        with torch.no_grad():
+            for l, d in total.items():
+                W = adapter.weight(model, l)
+                d = d.to(W.dtype) if adapter.layout == "out_in" else d.T.to(W.dtype)
+                W.copy_(W0[l] + scale.get(l, 0.0) * d)
+
+    cells = [("all layers", {l: 1.0 for l in total})]
+    cells += [(f"all but layer {l}", {m: 1.0 for m in total if m != l}) for l in sorted(total)]
+    cells += [("all x 0.5", {l: 0.5 for l in total}), ("none (unedited)", {})]
+    rows = []
+    try:
+        for name, scale in cells:
+            t = time.perf_counter()
+            set_update(scale)
+            m = evaluate_requests(model, tok, sample)
+            ok = answered(model, tok, known["prompts"], known["answers"])
+            rows.append({"cell": name, "scale": {str(k): v for k, v in scale.items()},
+                         **{k: m[k] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")},
+                         "known_retention": 100.0 * sum(ok) / len(ok), "seconds": time.perf_counter() - t})
+            print(f"{name:<18} ES {m['efficacy_score']:5.1f} PS {m['paraphrase_score']:5.1f} "
+                  f"NS {m['neighborhood_score']:5.1f} known kept {rows[-1]['known_retention']:5.1f} %", flush=True)
+    finally:
+        set_update({l: 0.0 for l in total})
+    res = {"command": "python " + " ".join(sys.argv), "threads": threads, "ledger": args.ledger,
+           "requests": len(reqs), "sample": len(sample), "known_facts": len(known["prompts"]),
+           "update_norm": {str(l): float(d.norm()) for l, d in total.items()},
+           "weight_norm": {str(l): float(W0[l].double().norm()) for l in total}, "rows": rows}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(res, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 import lmedit
-from lmedit._fs import atomic_path
+from lmedit._fs import write_json
 from lmedit._runtime import configure_threads
 from lmedit.core import targets as T
 from lmedit.core.tokens import encode_continuations
@@ -153,11 +152,7 @@ def main() -> int:
               f"{t['tokens_per_step']:.0f} tokens/step, {t['gflop_per_s']:.0f} GFLOP/s = {100 * t['gflop_per_s'] / p16:.0f} % "
               f"of the bf16 peak; at 100 %: {t['gflop'] / p16:.1f} s for these steps (took {t['targets_s']:.1f} s; "
               f"edit {t['edit_s']:.1f} s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, res)}")
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import lmedit
-from lmedit._fs import atomic_path
+from lmedit._fs import write_json
 from lmedit._runtime import configure_threads
 from lmedit.evaluate.retention import answered
 from lmedit.evaluate.runner import evaluate_requests
@@ -128,11 +128,7 @@ def main() -> int:
            "weight_norm": {str(l): float(W0[l].double().norm()) for l in total}, "rows": rows,
            "energy_ratio": {str(l): h for l, h in hits.items()}}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(res, indent=1))
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.out, res)}")
     return 0
 
 

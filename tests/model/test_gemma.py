@@ -28,15 +28,18 @@ def gemma():
     return lmedit.load_model("gemma-3-270m")
 
 
+def _mean_lp(model, tok, reqs) -> list[float]:
+    """Mean per-token log-prob of each request's target_new after its prompt."""
+    return [float(lp.mean()) for lp, _ in score_continuations(model, tok, [r.text for r in reqs],
+                                                               [r.target_new for r in reqs])]
+
+
 @needs_data
 def test_rome_edits_land_through_the_post_mlp_norm(gemma):
     model, tok = gemma
     reqs = lmedit.load_requests(DATA)[5000:5004]
     texts, news = [r.text for r in reqs], [r.target_new for r in reqs]
-
-    def mean_lp():
-        return [float(lp.mean()) for lp, _ in score_continuations(model, tok, texts, news)]
-
+    mean_lp = lambda: _mean_lp(model, tok, reqs)  # noqa: E731
     before = mean_lp()
     res = lmedit.edit(model, tok, reqs, method="rome", layers=[5], chat_prompts="off", mom2_n_samples=200,
                       mom2_forward_dtype="auto", compute_dtype="auto")
@@ -57,11 +60,7 @@ def test_emmet_and_memit_land_with_the_gemma_preset(gemma):
     automatically and its batch edits land, leaving the weights as they were after undo."""
     model, tok = gemma
     reqs = lmedit.load_requests(DATA)[5000:5004]
-    texts, news = [r.text for r in reqs], [r.target_new for r in reqs]
-
-    def mean_lp():
-        return [float(lp.mean()) for lp, _ in score_continuations(model, tok, texts, news)]
-
+    mean_lp = lambda: _mean_lp(model, tok, reqs)  # noqa: E731
     before = mean_lp()
     for method in ("emmet", "memit"):
         editor = lmedit.Editor(model, tok, method, mom2_n_samples=200)

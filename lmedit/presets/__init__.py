@@ -119,7 +119,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # MEMIT 100/81.2/68.8 with NS as unedited, ROME 100/87.5/68.8 (python benchmarks/gemma_postnorm.py,
     # results/gemma_postnorm). Layer 5: ROME's row there, not yet from causal tracing. Generic target settings
     # (MEMIT's), the clamp 2.0 (0.75 gave PS 68.8; 2 and 4 gave 81.2), MEMIT's lambda 15 (1,500 under-edits:
-    # ES 56; 1-150 land). A pretrained base model: plain prompts.
+    # ES 56; 1-150 land; benchmarks/gemma_tune.py). A pretrained base model: plain prompts.
     _preset("gemma-3-270m", ("gemma3_text", 18, 640), {
         "rome": dict(_GEMMA, layers=[5]),
         "emmet": dict(_GEMMA, **_ONE_LAYER, mom2_update_weight=1.0, emmet_lambda=0.1),

@@ -312,7 +312,7 @@ class Editor:
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
                     self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
-                    hp.solver(), hp.joint_form, hp, site=hp.site))
+                    hp.solver(), hp.joint_form, hp))
                 for l, k in K.items():
                     keys[l] = torch.cat([keys[l], k]) if l in keys else k
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits

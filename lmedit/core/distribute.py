@@ -81,8 +81,7 @@ class Pieces:
     systems: dict[int, LayerSystem]
     solver: Solver
     joint_form: Callable[[], JointForm]  # the method's, built only when a distribution asks for it
-    settings: object = None  # the hyperparameters (refit_base, refit_tol, refit_passes)
-    site: str = "block"  # where the targets were optimised: the block output, or the last layer's MLP output
+    settings: object = None  # the hyperparameters (refit_base, refit_tol, refit_passes; site: where the targets were optimised)
     info: dict[int, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0})
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the K its (last) solve used
@@ -137,7 +136,7 @@ class Pieces:
         return dW
 
     def _through_norm(self) -> bool:
-        return getattr(self.adapter, "post_mlp_norm", None) is not None and self.site == "mlp"
+        return getattr(self.adapter, "post_mlp_norm", None) is not None and getattr(self.settings, "site", "block") == "mlp"
 
     def solve_joint(self, R: torch.Tensor, K: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: dW} solving every layer of ``K`` as one problem for the residual R (B, d_out)."""

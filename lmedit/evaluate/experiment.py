@@ -88,16 +88,23 @@ def run_eval(
         _set_scores(pre)
         _set_scores(post)
     timings["total_s"] = time.perf_counter() - t_all
-    timings = _summed_over_ranks(timings)
     n = len(requests)
-    timings["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
-    timings["target_steps_per_request"] = timings.pop("target_steps") / max(n, 1)  # optimisation steps, mean
+    timings = _per_request(_summed_over_ranks(timings), n)
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
         "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
         "world_size": rank_world()[1], "eval_dtype": eval_dtype,
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
+
+
+def _per_request(timings: dict[str, float], n: int) -> dict[str, float]:
+    """The timings with the editing cost per request and the mean optimisation steps per request
+    (in place of the summed steps)."""
+    out = {k: v for k, v in timings.items() if k != "target_steps"}
+    out["edit_s_per_request"] = sum(timings[k] for k in ("targets_s", "keys_s", "residual_s", "solve_s")) / max(n, 1)
+    out["target_steps_per_request"] = timings["target_steps"] / max(n, 1)
+    return out
 
 
 def _set_scores(metrics: dict[str, float]) -> None:

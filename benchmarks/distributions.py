@@ -7,8 +7,10 @@ Usage::
 
 Records are the first B of ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split:
 one rewrite, one paraphrase and one neighbourhood prompt per record), one batch, edited from the
-unedited model for every cell. Per method the target vectors are optimised once per batch and
-reused by every distribution (they depend only on the last layer). Hyperparameters: the embedded
+unedited model for every cell. The target vectors are optimised once per batch and reused by every
+method and distribution that shares the target layer, site and settings (they depend on nothing
+else); they are computed in chunks of 64 requests, each written to ``<out>/b<B>/targets/`` as it
+finishes (``Editor.save_targets``), so a killed run resumes at the chunk it was in. Hyperparameters: the embedded
 model's preset (lambda / ridge tuned on held-out records, see results/tuning).
 
 Per cell (one JSON each under ``<out>/b<B>/``; a finished cell is skipped when run again):
@@ -22,6 +24,7 @@ batch size (a line per method x distribution) summarise every cell found.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,6 +53,28 @@ def conditioning(editor, result) -> dict[int, float]:
         ev = torch.linalg.eigvalsh(0.5 * (G + G.T))
         out[layer] = float(ev[-1] / ev[0].clamp_min(1e-300))
     return out
+
+
+def shared_targets(editor, reqs, directory: Path, chunk: int = 64):
+    """The target vectors of ``reqs`` for ``editor``, chunk by chunk, each chunk read from
+    ``directory`` if an earlier run wrote it, else optimised and written there."""
+    hp = editor.hparams
+    key = hashlib.sha256(json.dumps([hp.layers[-1], hp.site, hp.target_settings(), editor.context(hp)],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    parts = []
+    for start in range(0, len(reqs), chunk):
+        stop = min(start + chunk, len(reqs))
+        path = directory / f"{key}_{start:05d}-{stop:05d}.safetensors"
+        if path.exists():
+            parts.append(editor.load_targets(path))
+            continue
+        t0 = time.perf_counter()
+        tr = editor.compute_targets(reqs[start:stop])
+        editor.save_targets(tr, path)
+        print(f"targets {start}-{stop} of {len(reqs)}: {time.perf_counter() - t0:.0f} s, "
+              f"{float(tr.steps.float().mean()):.1f} steps per request", flush=True)
+        parts.append(tr)
+    return lmedit.TargetResult.concat(parts)
 
 
 def run_cell(editor, reqs, distribution, cached):
@@ -148,8 +173,9 @@ def main() -> None:
                 if cell.exists():
                     print(f"skip {cell}", flush=True)
                     continue
+                if cached is None:
+                    cached = shared_targets(editor, reqs, cell_dir / "targets")
                 res, row = run_cell(editor, reqs, dist, cached)
-                cached = res.targets
                 row.update(method=method, distribution=dist, batch_size=bs, n=len(reqs), data=args.data,
                            hparams={"preset": editor.preset, **editor.hparams.to_dict()},
                            lmedit_version=lmedit.__version__,

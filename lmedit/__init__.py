@@ -18,13 +18,14 @@ from lmedit.requests import EditRequest, load_requests
 from lmedit.models import get_adapter, load_model, register_adapter
 from lmedit.presets import resolve_hparams
 from lmedit.core.distribute import register_distribution
+from lmedit.core.targets import TargetResult
 from lmedit.editor import Editor, EditResult, EditState
 from lmedit.api import apply_deltas, edit
 from lmedit import easyedit  # EasyEdit request fields and hyperparameter files
 from lmedit.tracing import load_facts, trace
 
 __all__ = [
-    "__version__", "load_model", "load_requests", "EditRequest", "Editor", "EditResult", "EditState", "edit",
+    "__version__", "load_model", "load_requests", "EditRequest", "Editor", "EditResult", "EditState", "TargetResult", "edit",
     "apply_deltas", "easyedit", "trace", "load_facts", "resolve_hparams", "register_distribution", "get_adapter", "register_adapter", "LmeditError", "RequestError",
     "SolveError", "CacheError", "HyperparameterError", "ModelLoadError", "UnsupportedArchitectureError",
 ]

@@ -16,6 +16,7 @@ after it (by the other Editor, or by anything else).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -36,7 +37,7 @@ from lmedit.core.context import cached_context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import TargetResult, compute_targets, plan_chunks
+from lmedit.core.targets import TargetResult, compute_targets, plan_chunks, read_targets, write_targets
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
@@ -168,6 +169,7 @@ class Editor:
         self._id = next(_STATE_IDS)  # names this Editor in target provenance (unlike id(), never reused)
         self._state = 0  # id of the weights state as this Editor last saw it (0: as given)
         self._seen = self._param_versions()
+        self._digest: tuple[int, str] = (-1, "")  # (weights state, its digest), see _weights_digest
         self._ledger_path = Path(ledger) if ledger is not None else None
         if self._ledger_path is not None and (self._ledger_path / "manifest.json").exists():
             raise CacheError(f"{self._ledger_path} holds a ledger already; open it with Editor.load to append to it")
@@ -347,6 +349,70 @@ class Editor:
             return run(shared)
         with working_copy(self.model, hp.compute_dtype) as work:  # freed before the keys are read
             return run(work)
+
+    # --- target vectors on their own ----------------------------------------------------------
+    def compute_targets(self, requests: Sequence[EditRequest | Mapping[str, Any]] | EditRequest,
+                        **overrides: Any) -> TargetResult:
+        """The target vectors an edit of ``requests`` would optimise now, without editing anything.
+
+        Example: ``tr = editor.compute_targets(reqs); editor.edit(reqs, targets=tr, mom2_update_weight=1e4)``
+
+        Pass them to :meth:`edit` (``targets=``), or write them with :meth:`save_targets` and read them
+        back in another process, or into another Editor whose method shares the target layer, site,
+        settings and templates (MEMIT and EMMET with the embedded preset), with :meth:`load_targets`.
+        Target vectors do not depend on how requests are chunked, so a large batch can be computed
+        piece by piece and joined with ``TargetResult.concat`` (benchmarks/distributions.py resumes so).
+        """
+        reqs = as_requests(requests)
+        hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams
+        if hp.sequential:
+            raise HyperparameterError(f"{self.method} computes each request's target after the previous request's "
+                                      "edit; its targets cannot be computed ahead of the edit")
+        groups = self.template_groups(hp)
+        self._check_lengths(reqs, groups)
+        flat = [t for g in groups for t in g]
+        self._target_chunks(reqs, flat, hp)  # refuses a request that cannot fit the memory budget
+        return self._targets(None, reqs, flat, hp, True)
+
+    def save_targets(self, targets: TargetResult, path: str | Path) -> Path:
+        """Write target vectors computed by this Editor on its current weights to ``path`` (safetensors,
+        atomically), with what they were computed from and a digest of the weights."""
+        prov = targets.provenance if isinstance(targets, TargetResult) else None
+        if not prov or prov.get("editor") != self._id:
+            raise HyperparameterError("save_targets takes target vectors computed by this Editor "
+                                      "(compute_targets, or the .targets of one of its edits)")
+        if prov.get("weights_state") != self.weights_state():
+            raise HyperparameterError("the weights changed since these target vectors were computed; they no longer "
+                                      "describe this model (undo back to that state, or compute them afresh)")
+        write_targets(path, targets, {**{k: v for k, v in prov.items() if k not in ("editor", "weights_state")},
+                                      "weights": self._weights_digest()})
+        return Path(path)
+
+    def load_targets(self, path: str | Path) -> TargetResult:
+        """Target vectors written by :meth:`save_targets`, for :meth:`edit` (``targets=``).
+
+        Refused (CacheError, nothing changes) unless they were computed on exactly these weights: the
+        same base model with the same edits applied. ``edit`` then checks requests, layer, site,
+        settings and templates as for any reused targets."""
+        result, prov = read_targets(path)
+        if prov.get("weights") != self._weights_digest():
+            raise CacheError(f"targets file {path} was computed on other weights (another base model, or this one "
+                             "with other edits applied); compute the targets afresh")
+        result.provenance = {**{k: v for k, v in prov.items() if k != "weights"}, "editor": self._id,
+                             "weights_state": self.weights_state()}
+        return result
+
+    def _weights_digest(self) -> str:
+        """sha256 of the base fingerprint and every editable weight, bit for bit (cached per weights state)."""
+        state = self.weights_state()
+        if self._digest[0] != state:
+            h = hashlib.sha256(self.base_fingerprint.encode())
+            with torch.no_grad():
+                for l in range(self.adapter.n_layers(self.model)):
+                    w = self.adapter.edit_module(self.model, l).weight.detach().contiguous()
+                    h.update(w.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+            self._digest = (state, h.hexdigest())
+        return self._digest[1]
 
     def _target_chunks(self, reqs: list[EditRequest], templates: list[str], hp: EditHParams) -> list[tuple[int, int]]:
         """The chunks the target optimisation of ``reqs`` will run in under the memory budget (see

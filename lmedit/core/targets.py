@@ -110,6 +110,64 @@ class TargetResult:
                    provenance=prov)
 
 
+TARGETS_FORMAT = "lmedit-targets"
+TARGETS_FORMAT_VERSION = 1
+_TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")
+
+
+def write_targets(path, result: TargetResult, provenance: dict) -> None:
+    """Write ``result``'s tensors and ``provenance`` (JSON values) as one safetensors file, atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lmedit._fs import atomic_path
+    from lmedit._version import __version__
+
+    meta = {"format": TARGETS_FORMAT, "format_version": str(TARGETS_FORMAT_VERSION), "lmedit_version": __version__,
+            "provenance": json.dumps(provenance), "stats": json.dumps(result.stats)}
+    with atomic_path(path) as tmp:
+        save_file({k: getattr(result, k).detach().cpu().contiguous() for k in _TENSORS}, str(tmp), metadata=meta)
+
+
+def read_targets(path) -> tuple[TargetResult, dict]:
+    """(result without provenance, the provenance written with it) of a targets file; CacheError if
+    the file is missing, unreadable, truncated, of another format or of an unknown format version."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from lmedit.errors import CacheError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"targets file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types on truncated/corrupt files
+        raise CacheError(f"targets file {path} is unreadable or corrupt ({e})") from e
+    if meta.get("format") != TARGETS_FORMAT:
+        raise CacheError(f"{path} is not an lmedit targets file (no 'format: {TARGETS_FORMAT}' metadata)")
+    if meta.get("format_version") != str(TARGETS_FORMAT_VERSION):
+        raise CacheError(f"targets file {path} has format version {meta.get('format_version')}, this lmedit reads "
+                         f"{TARGETS_FORMAT_VERSION}; compute the targets afresh")
+    missing = [k for k in _TENSORS if k not in tensors]
+    n = {tensors[k].shape[0] for k in _TENSORS if k in tensors}
+    if missing or len(n) != 1:
+        raise CacheError(f"targets file {path} is corrupt (missing {missing} or rows that do not agree)")
+    try:
+        provenance, stats = json.loads(meta["provenance"]), json.loads(meta.get("stats", "{}"))
+    except (KeyError, ValueError) as e:
+        raise CacheError(f"targets file {path} has unreadable metadata ({e})") from e
+    if len(provenance.get("requests", [])) != n.pop():
+        raise CacheError(f"targets file {path} is corrupt: its vectors and its requests differ in number")
+    provenance["requests"] = [tuple(r) for r in provenance["requests"]]
+    return TargetResult(**{k: tensors[k] for k in _TENSORS}, stats=stats), provenance
+
+
 def compute_targets(
     model: nn.Module,
     tokenizer,

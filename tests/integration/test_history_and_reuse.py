@@ -110,3 +110,58 @@ def test_reused_targets_are_refused_when_they_do_not_fit(case, match, fresh, tok
     with pytest.raises(HyperparameterError, match=match):
         ed.edit(reqs, targets=tr, **kw)
     assert_same(m, before)
+
+
+def test_targets_saved_and_loaded_edit_like_fresh_ones_in_another_editor(fresh, tokenizer, covariances, tmp_path,
+                                                                        monkeypatch):
+    """compute_targets + save_targets in one Editor, load_targets in another (of another method
+    sharing the target settings), then chunks joined: the same weights as an edit that optimised."""
+    m, twin = fresh("llama"), fresh("llama")
+    ed = _editor(m, tokenizer, covariances, "memit")
+    before = snapshot(m)
+    parts = [ed.compute_targets(REQUESTS[:1]), ed.compute_targets(REQUESTS[1:])]
+    assert_same(m, before)  # computing targets edits nothing
+    paths = [ed.save_targets(p, tmp_path / f"t{i}.safetensors") for i, p in enumerate(parts)]
+    other = _editor(m, tokenizer, covariances, "emmet")
+    monkeypatch.setattr(editor_module, "compute_targets", lambda *a, **k: pytest.fail("targets were recomputed"))
+    loaded = lmedit.TargetResult.concat([other.load_targets(p) for p in paths])
+    reused = other.edit(REQUESTS, targets=loaded)
+    monkeypatch.undo()
+    direct = _editor(twin, tokenizer, covariances, "emmet").edit(REQUESTS)
+    # chunks of one and two requests against one batch of two: equal up to float32 batching noise,
+    # which Adam's steps carry into the vectors (about 3e-4 relative here)
+    torch.testing.assert_close(loaded.targets, direct.targets.targets, rtol=2e-3, atol=2e-3)
+    for l in reused.layers:
+        assert float(reused.deltas[l].norm()) > 0
+        torch.testing.assert_close(reused.deltas[l], direct.deltas[l], rtol=5e-3, atol=5e-4)
+    # on the edited weights the file no longer describes the model: refused, nothing changes
+    after = snapshot(m)
+    with pytest.raises(lmedit.CacheError, match="other weights"):
+        other.load_targets(paths[0])
+    assert_same(m, after)
+    # after the undo it fits again
+    reused.undo()
+    assert torch.equal(other.load_targets(paths[0]).targets, parts[0].targets)
+
+
+def test_bad_target_files_and_stale_targets_are_refused(fresh, tokenizer, covariances, tmp_path):
+    m = fresh("llama")
+    ed = _editor(m, tokenizer, covariances, "memit")
+    tr = ed.compute_targets(REQUESTS)
+    path = ed.save_targets(tr, tmp_path / "t.safetensors")
+    good = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(lmedit.CacheError, match="unreadable or corrupt"):
+        ed.load_targets(tmp_path / "cut.safetensors")
+    with pytest.raises(lmedit.CacheError, match="does not exist"):
+        ed.load_targets(tmp_path / "missing.safetensors")
+    deltas = ed.edit(REQUESTS).save_deltas(tmp_path / "d.safetensors")
+    with pytest.raises(lmedit.CacheError, match="not an lmedit targets file"):
+        ed.load_targets(deltas)
+    with pytest.raises(HyperparameterError, match="weights changed"):
+        ed.save_targets(tr, tmp_path / "stale.safetensors")  # the edit above changed the weights
+    assert not (tmp_path / "stale.safetensors").exists()
+    with pytest.raises(HyperparameterError, match="computed by this Editor"):
+        _editor(m, tokenizer, covariances, "memit").save_targets(tr, tmp_path / "x.safetensors")
+    with pytest.raises(HyperparameterError, match="after the previous request's"):
+        _editor(m, tokenizer, covariances, "rome").compute_targets(REQUESTS)

@@ -76,3 +76,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
     return Path(path)
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of a safetensors file; ``CacheError`` naming ``what`` (e.g. "delta file")
+    and the path if it is missing, truncated or corrupt (safetensors raises several types for those)."""
+    from safetensors import safe_open
+
+    from lmedit.errors import CacheError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CacheError(f"{what} {path} is unreadable or corrupt ({e})") from e

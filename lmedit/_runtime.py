@@ -108,3 +108,18 @@ def memory_budget(device=None, given: str | int | float | None = None) -> int | 
         except ValueError as e:
             raise ValueError(f"LMEDIT_MEMORY_BUDGET: {e}") from None
     return available_memory(device)
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory so far (MiB, from getrusage: model loading included) and,
+    where CUDA is in use, the peak memory torch allocated on each GPU (MiB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            out[f"peak_cuda{i}_mb"] = torch.cuda.max_memory_allocated(i) / 2**20
+    return out

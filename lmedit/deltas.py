@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmedit._fs import atomic_path
+from lmedit._fs import atomic_path, read_safetensors
 from lmedit._version import __version__
 from lmedit.errors import CacheError
 from lmedit.models.adapters import ModelAdapter
@@ -48,14 +47,7 @@ def read_deltas(path: str | Path, model: nn.Module, adapter: ModelAdapter, finge
                 allow_other_model: bool = False) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
     """(metadata, {layer: delta}) of a delta file, every tensor checked against ``model``; CacheError if not."""
     path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"delta file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise CacheError(f"delta file {path} is unreadable or corrupt ({e})") from e
+    meta, tensors = read_safetensors(path, "delta file")
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not an lmedit delta file (no 'format: {FORMAT}' metadata)")
     if meta.get("base_model") != fingerprint and not allow_other_model:

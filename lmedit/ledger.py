@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmedit._fs import atomic_path, sha256_file
+from lmedit._fs import atomic_path, read_safetensors, sha256_file
 from lmedit._version import __version__
 from lmedit.errors import CacheError
 from lmedit.models.adapters import ModelAdapter
@@ -202,8 +201,4 @@ class Ledger:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise CacheError(f"ledger file {path} is unreadable or corrupt ({e})") from e
+    return read_safetensors(path, "ledger file")[1]

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lmedit._fs import atomic_path, cache_root
+from lmedit._fs import atomic_path, cache_root, read_safetensors
 from lmedit._version import __version__
 from lmedit.core.corpus import corpus_id, load_corpus
 from lmedit.core.tokens import pad, pad_id, token_chunks
@@ -99,12 +99,10 @@ def stat_path(directory: str | Path, meta: dict[str, str]) -> Path:
 
 def read_stat_file(path: Path, expect: dict[str, str]) -> torch.Tensor:
     """Read a cached C and check its metadata and checksum; raise CacheError if anything is off."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            C = f.get_tensor("mom2")
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise CacheError(f"statistics file {path} is unreadable ({e})") from e
+    meta, tensors = read_safetensors(path, "statistics file")
+    if "mom2" not in tensors:
+        raise CacheError(f"statistics file {path} holds no 'mom2' tensor (corrupt, or not a statistics file)")
+    C = tensors["mom2"]
     for k, v in expect.items():
         if meta.get(k) != v:
             raise CacheError(f"statistics file {path}: {k} is {meta.get(k)!r}, expected {v!r}")

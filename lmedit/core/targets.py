@@ -136,19 +136,11 @@ def read_targets(path) -> tuple[TargetResult, dict]:
     import json
     from pathlib import Path
 
-    from safetensors import safe_open
-
+    from lmedit._fs import read_safetensors
     from lmedit.errors import CacheError
 
     path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"targets file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types on truncated/corrupt files
-        raise CacheError(f"targets file {path} is unreadable or corrupt ({e})") from e
+    meta, tensors = read_safetensors(path, "targets file")
     if meta.get("format") != TARGETS_FORMAT:
         raise CacheError(f"{path} is not an lmedit targets file (no 'format: {TARGETS_FORMAT}' metadata)")
     if meta.get("format_version") != str(TARGETS_FORMAT_VERSION):

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lmedit._runtime import peak_memory
 from lmedit._version import __version__
 from lmedit.distributed import from_main, gather_indexed, is_main, mine, rank_world
 from lmedit.editor import Editor
@@ -93,7 +94,7 @@ def run_eval(
     return {
         "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
         "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
-        "world_size": rank_world()[1], "eval_dtype": eval_dtype,
+        "world_size": rank_world()[1], "eval_dtype": eval_dtype, "memory": peak_memory(),
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,
     }
 

@@ -206,6 +206,9 @@ def test_eval_json(work, shared_model, tmp_path, capsys, sequential):
         ("emmet", str(work / "model"), 4, 2, sequential)
     assert out["lmedit_version"] == lmedit.__version__
     assert {"stats_s", "targets_s", "solve_s", "eval_s", "total_s"} <= set(out["timings"])
+    import resource  # the process's own peak, in MiB (Linux reports KiB)
+    assert out["memory"]["peak_rss_mb"] == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                                         rel=0.05)
     assert out["hparams"]["layers"] == LAYERS
     for phase in ("pre", "post"):
         m = out[phase]

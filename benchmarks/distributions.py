@@ -2,23 +2,30 @@
 
 Usage::
 
-    python benchmarks/distributions.py --batch-sizes 256 --methods emmet,memit \\
+    python benchmarks/distributions.py --batch-sizes 1,16,64,256,1024 --methods emmet,memit \
         --distributions single,spread,joint,cascade,refit --out results/distributions
 
-Records are the first B of ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split:
-one rewrite, one paraphrase and one neighbourhood prompt per record), one batch, edited from the
-unedited model for every cell. The target vectors are optimised once per batch and reused by every
-method and distribution that shares the target layer, site and settings (they depend on nothing
-else); they are computed in chunks of 64 requests, each written to ``<out>/b<B>/targets/`` as it
-finishes (``Editor.save_targets``), so a killed run resumes at the chunk it was in. Hyperparameters: the embedded
-model's preset (lambda / ridge tuned on held-out records, see results/tuning).
+Records come from ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split: one rewrite,
+one paraphrase and one neighbourhood prompt per record). A cell of batch size B edits the first
+max(B, ``--records``) records in batches of B, every batch from the unedited model (undone after
+its evaluation); metrics are averaged over batches weighted by size, i.e. over all records.
+Hyperparameters: the embedded model's preset (lambda / ridge tuned on held-out records, see
+results/tuning).
+
+Target vectors depend only on the request, the (unedited) weights, the target layer, site, settings
+and templates: not on the batch a request is edited in, the method's objective or the distribution.
+So they are optimised once, for the first N records in chunks of 64, each chunk written to
+``<out>/targets/<data>/`` as it finishes (``Editor.save_targets``), and every cell of every batch
+size and method (MEMIT and EMMET share the preset's target settings) reads the same vectors: the
+cells differ only in what the comparison is about, and a killed run resumes at the chunk it was in.
 
 Per cell (one JSON each under ``<out>/b<B>/``; a finished cell is skipped when run again):
 ES / PS / NS / Score and magnitudes, the residual still missing at the last layer after the edit
 (relative to before: what the linear view of the distribution missed), per-layer update norms,
 the condition number of each layer's G_l = K_l^T M_l^-1 K_l (the B x B system EMMET inverts), and
-the time of keys, residual passes and solves. ``<out>/table.md`` and one PNG per metric against
-batch size (a line per method x distribution) summarise every cell found.
+the time of keys, residual passes and solves (per-batch values: means over batches; condition:
+the largest). ``<out>/table.md`` and one PNG per metric against batch size (a line per method x
+distribution) summarise every cell found.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from lmedit._fs import atomic_path
 from lmedit._runtime import configure_threads
 from lmedit.core.keys import residual_stream
 from lmedit.evaluate.experiment import METRIC_KEYS, format_table
+from lmedit.evaluate.metrics import harmonic_mean
 from lmedit.evaluate.runner import evaluate_requests
 
 DATA = "../shared/data/counterfact/counterfact_train_10000.json"
@@ -77,27 +85,54 @@ def shared_targets(editor, reqs, directory: Path, chunk: int = 64):
     return lmedit.TargetResult.concat(parts)
 
 
-def run_cell(editor, reqs, distribution, cached):
+def run_batch(editor, reqs, distribution, targets):
+    """Edit one batch with the given target vectors, measure it, undo it."""
     model, tok = editor.model, editor.tokenizer
+    last = editor.hparams.layers[-1]
     t0 = time.perf_counter()
-    res = editor.edit(reqs, targets=cached, distribution=distribution)
+    res = editor.edit(reqs, targets=targets, distribution=distribution)
     edit_s = time.perf_counter() - t0
     z_star = res.targets.targets
     with torch.no_grad():
-        left = float((z_star - residual_stream(model, tok, editor.adapter, reqs, editor.hparams.layers[-1])).norm(dim=1).mean())
+        left = float((z_star - residual_stream(model, tok, editor.adapter, reqs, last)).norm(dim=1).mean())
     metrics = evaluate_requests(model, tok, reqs)
     cond = conditioning(editor, res)
     editor.undo()
     with torch.no_grad():
-        before = float((z_star - residual_stream(model, tok, editor.adapter, reqs, editor.hparams.layers[-1])).norm(dim=1).mean())
-    return res, {
-        **{k: metrics[k] for k in METRIC_KEYS}, "residual_left": left / before, "edit_s": edit_s,
-        "timings": {k: res.timings.get(k, 0.0) for k in ("targets_s", "keys_s", "residual_s", "solve_s")},
-        "update_norm": {l: i["update_norm"] for l, i in res.layer_info[0].items()},
-        "relative_update": {l: i["update_norm"] / i["weight_norm"] for l, i in res.layer_info[0].items()},
-        "passes": max((i.get("passes", 1) for i in res.layer_info[0].values()), default=1),
+        before = float((z_star - residual_stream(model, tok, editor.adapter, reqs, last)).norm(dim=1).mean())
+    info = res.layer_info[0]
+    return {
+        **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "residual_left": left / before, "edit_s": edit_s,
+        "timings": {k: res.timings.get(k, 0.0) for k in ("keys_s", "residual_s", "solve_s")},
+        "update_norm": {l: i["update_norm"] for l, i in info.items()},
+        "relative_update": {l: i["update_norm"] / i["weight_norm"] for l, i in info.items()},
+        "passes": max((i.get("passes", 1) for i in info.values()), default=1),
         "condition": cond,
     }
+
+
+def run_cell(editor, reqs, distribution, targets, batch_size):
+    """Every batch of ``reqs`` from the unedited model; per-record metrics averaged over all records."""
+    rows, sizes = [], []
+    for start in range(0, len(reqs), batch_size):
+        stop = min(start + batch_size, len(reqs))
+        rows.append(run_batch(editor, reqs[start:stop], distribution, targets.part(start, stop)))
+        sizes.append(stop - start)
+    w = [n / sum(sizes) for n in sizes]
+    layers = list(rows[0]["update_norm"])
+    out = {k: sum(wi * r[k] for wi, r in zip(w, rows)) for k in (*METRIC_KEYS, "residual_left")
+           if k in rows[0] and k != "score"}
+    # the score of the averaged parts (as lmedit eval reports it), not an average of per-batch scores
+    out["score"] = harmonic_mean([out["efficacy_score"], out["paraphrase_score"], out["neighborhood_score"]])
+    out.update(
+        batches=len(rows), edit_s=sum(r["edit_s"] for r in rows),
+        timings={k: sum(r["timings"][k] for r in rows) for k in rows[0]["timings"]},
+        update_norm={l: sum(wi * r["update_norm"][l] for wi, r in zip(w, rows)) for l in layers},
+        relative_update={l: sum(wi * r["relative_update"][l] for wi, r in zip(w, rows)) for l in layers},
+        passes=max(r["passes"] for r in rows),
+        condition={l: max(r["condition"][l] for r in rows) for l in layers},
+    )
+    return out
 
 
 def summarise(out: Path) -> None:
@@ -151,15 +186,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--batch-sizes", default="256")
+    ap.add_argument("--records", type=int, default=256, help="records per cell at least (batch sizes below it "
+                    "edit this many records in several batches)")
     ap.add_argument("--methods", default="emmet,memit")
     ap.add_argument("--distributions", default="single,spread,joint,cascade,refit")
     ap.add_argument("--out", default="results/distributions")
     args = ap.parse_args()
     configure_threads()
     out = Path(args.out)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
     model, tok = lmedit.load_model()
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
-        reqs = lmedit.load_requests(args.data, limit=bs)
+    everything = lmedit.load_requests(args.data, limit=max(max(sizes), args.records))
+    targets_dir = out / "targets" / Path(args.data).stem
+    for bs in sizes:
+        reqs = everything[:max(bs, args.records)]
         cell_dir = out / f"b{bs}"
         cell_dir.mkdir(parents=True, exist_ok=True)
         if not (cell_dir / "pre.json").exists():
@@ -174,13 +214,14 @@ def main() -> None:
                     print(f"skip {cell}", flush=True)
                     continue
                 if cached is None:
-                    cached = shared_targets(editor, reqs, cell_dir / "targets")
-                res, row = run_cell(editor, reqs, dist, cached)
+                    cached = shared_targets(editor, reqs, targets_dir)
+                row = run_cell(editor, reqs, dist, cached, bs)
                 row.update(method=method, distribution=dist, batch_size=bs, n=len(reqs), data=args.data,
                            hparams={"preset": editor.preset, **editor.hparams.to_dict()},
                            lmedit_version=lmedit.__version__,
                            command=f"python benchmarks/distributions.py --batch-sizes {args.batch_sizes} "
-                                   f"--methods {args.methods} --distributions {args.distributions} --out {args.out}")
+                                   f"--records {args.records} --methods {args.methods} "
+                                   f"--distributions {args.distributions} --out {args.out}")
                 with atomic_path(cell) as tmp:
                     tmp.write_text(json.dumps(row, indent=1))
                 print(f"b{bs} {method:6s} {dist:8s} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "

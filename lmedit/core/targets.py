@@ -81,6 +81,9 @@ class TargetConfig(Config):
         return {f: getattr(self, f) for f in TargetConfig.field_names() if f != "chunk_requests"}
 
 
+_TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")  # the per-request tensors of a TargetResult
+
+
 @dataclass
 class TargetResult:
     """Per request: z* and what it was built from, plus what it was computed from (provenance)."""
@@ -96,13 +99,20 @@ class TargetResult:
     # that Editor.edit(targets=...) can refuse to reuse them for anything else
     provenance: dict = field(default_factory=dict)
 
+    def part(self, start: int, stop: int) -> "TargetResult":
+        """The vectors of requests ``start:stop`` (e.g. one batch's share of a larger computation)."""
+        prov = dict(self.provenance)
+        if "requests" in prov:
+            prov["requests"] = list(prov["requests"])[start:stop]
+        return TargetResult(**{k: getattr(self, k)[start:stop] for k in _TENSORS}, stats=dict(self.stats),
+                            provenance=prov)
+
     @classmethod
     def concat(cls, parts: Sequence["TargetResult"]) -> "TargetResult":
         """One result for consecutive chunks (or consecutive requests), in order."""
         if len(parts) == 1:
             return parts[0]
-        cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("targets", "init", "delta", "loss", "steps",
-                                                                    "target_prob")}
+        cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
         prov = {}
         if all(p.provenance == {**parts[0].provenance, "requests": p.provenance.get("requests")} for p in parts):
             prov = {**parts[0].provenance, "requests": [k for p in parts for k in p.provenance.get("requests", [])]}
@@ -112,7 +122,6 @@ class TargetResult:
 
 TARGETS_FORMAT = "lmedit-targets"
 TARGETS_FORMAT_VERSION = 1
-_TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")
 
 
 def write_targets(path, result: TargetResult, provenance: dict) -> None:

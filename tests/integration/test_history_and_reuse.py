@@ -134,6 +134,12 @@ def test_targets_saved_and_loaded_edit_like_fresh_ones_in_another_editor(fresh, 
     for l in reused.layers:
         assert float(reused.deltas[l].norm()) > 0
         torch.testing.assert_close(reused.deltas[l], direct.deltas[l], rtol=5e-3, atol=5e-4)
+    # a part of the joined vectors is what was computed for those requests, and edits them
+    assert torch.equal(loaded.part(1, 2).targets, parts[1].targets)
+    assert loaded.part(1, 2).provenance["requests"] == parts[1].provenance["requests"]
+    reused.undo()
+    other.edit(REQUESTS[1:], targets=loaded.part(1, 2)).undo()
+    reused = other.edit(REQUESTS, targets=loaded)
     # on the edited weights the file no longer describes the model: refused, nothing changes
     after = snapshot(m)
     with pytest.raises(lmedit.CacheError, match="other weights"):

@@ -20,7 +20,10 @@ here in one run on the embedded model:
    step, the tokens resumed per step and their matmul work (forward plus the input gradient of the
    backward pass: 2 x 2 x the parameters of the blocks after the edited layer per token, the head at
    the read positions twice) against the bfloat16 peak; from that, the fewest seconds the same
-   steps could take.
+   steps could take;
+4. **targets, a batch** (``--batch``, 64): the matmul work of one step of the batch (counted, not
+   timed) times the mean steps per request measured for such batches (``--batch-steps``), at the
+   bfloat16 peak: the fewest seconds per edit the target optimisation of a batch can take here.
 
 Prints a table and writes JSON.
 """
@@ -128,10 +131,39 @@ def targets(model, tok, reqs) -> list[dict]:
     return rows
 
 
+def batch_floor(model, tok, reqs, steps: float) -> dict:
+    """The matmul work of one optimisation step of a batch of requests with the preset's settings
+    (counted on one forward-only step: every request is still active at the first step), and the
+    fewest seconds per edit ``steps`` such steps per request could take at the bf16 peak."""
+    seen: dict = {}
+    orig = T._Resumed.step
+
+    def step(self, *a, **k):
+        before = self.tokens
+        out = orig(self, *a, **k)
+        seen["tokens"] = seen.get("tokens", 0) + self.tokens - before
+        seen["layer"], seen["reads"] = self.layer, int(self.lay.loss_rows.numel() + self.lay.is_kl.sum())
+        return out
+
+    T._Resumed.step = step
+    try:
+        lmedit.Editor(model, tok, "emmet").compute_targets(reqs, v_num_grad_steps=1)
+    finally:
+        T._Resumed.step = orig
+    V, d = lmedit.get_adapter(model).unembed_module(model).weight.shape
+    flop = seen["tokens"] * 2 * 2 * block_params(model, seen["layer"] + 1) + 2 * 2 * V * d * seen["reads"]
+    return {"requests": len(reqs), "tokens_per_step": seen["tokens"], "gflop_per_request_step": flop / len(reqs) / 1e9,
+            "steps_per_request": steps}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64, help="batch whose per-step work is counted")
+    ap.add_argument("--batch-steps", type=float, default=17.05,
+                    help="mean optimisation steps per request at that batch (results/target_lr: EMMET, batches "
+                         "of 64, 256 records, the preset)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "floors.json"))
     args = ap.parse_args()
     threads = configure_threads()
@@ -143,6 +175,8 @@ def main() -> int:
     res["evaluation"] = ev = evaluation(model, tok, reqs[:args.n])
     res["targets"] = tg = targets(model, tok, reqs[:args.requests])
     p32, p16 = res["peak_gflop_per_s"]["float32"], res["peak_gflop_per_s"]["bfloat16"]
+    res["batch"] = bt = batch_floor(model, tok, reqs[:args.batch], args.batch_steps)
+    bt["floor_s_per_edit"] = bt["gflop_per_request_step"] * bt["steps_per_request"] / p16
     print(f"lmedit {lmedit.__version__}, torch {torch.__version__}, {threads} threads")
     print(f"matmul peak: float32 {p32:.0f} GFLOP/s, bfloat16 {p16:.0f} GFLOP/s")
     print(f"evaluation (float32): {ev['pairs_per_s']:.0f} pairs/s, {ev['gflop_per_s']:.0f} GFLOP/s = "
@@ -152,6 +186,9 @@ def main() -> int:
               f"{t['tokens_per_step']:.0f} tokens/step, {t['gflop_per_s']:.0f} GFLOP/s = {100 * t['gflop_per_s'] / p16:.0f} % "
               f"of the bf16 peak; at 100 %: {t['gflop'] / p16:.1f} s for these steps (took {t['targets_s']:.1f} s; "
               f"edit {t['edit_s']:.1f} s)")
+    print(f"targets, a batch of {bt['requests']}: {bt['tokens_per_step']} tokens per step, "
+          f"{bt['gflop_per_request_step']:.1f} GFLOP per request and step; at {bt['steps_per_request']} steps per "
+          f"request and 100 % of the bf16 peak: {bt['floor_s_per_edit']:.2f} s per edit for the targets alone")
     print(f"wrote {write_json(args.out, res)}")
     return 0
 

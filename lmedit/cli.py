@@ -115,6 +115,9 @@ def _trace_parser(sub) -> None:
     p.add_argument("--noise", type=float, default=3.0, help="noise std in units of the subjects' embedding std (ROME: 3)")
     p.add_argument("--window", type=int, default=10, help="layers restored together for MLP / attention (ROME: 10)")
     p.add_argument("--kinds", default="hidden,mlp,attn", help="what to restore: hidden, mlp, attn")
+    p.add_argument("--positions", default="all", choices=("all", "last_subject"),
+                   help="restore at every token from the subject on (ROME's figure), or at the last subject token "
+                        "only (the row the suggested layers read; several times faster)")
     p.add_argument("--dtype-compute", default="auto", help="dtype of the passes: auto (bfloat16 where native), model, "
                    "float32, bfloat16")
     p.add_argument("--seed", type=int, default=1)
@@ -420,7 +423,7 @@ def cmd_trace(args) -> int:
     facts = lmedit.load_facts(args.data)
     model, tok = lmedit.load_model(args.model)
     result = lmedit.trace(model, tok, facts, limit=args.n, samples=args.samples, noise=args.noise, window=args.window,
-                          kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+                          kinds=[k.strip() for k in args.kinds.split(",") if k.strip()], positions=args.positions,
                           compute_dtype=args.dtype_compute, seed=args.seed, progress=not args.quiet)
     if args.out:
         result.save(args.out)

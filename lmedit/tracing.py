@@ -13,6 +13,10 @@ answer the model gives on the clean prompt is read at the last token. The indire
 state is P(restored) - P(corrupted), averaged over noise samples and facts. States: the hidden state
 (block output) of each layer at each token; and, separately, the MLP outputs and the attention
 outputs of a window of ``window`` layers around each layer (ROME's figure uses 10).
+``positions="last_subject"`` restores at the last subject token only: the row of ROME's figure that
+the layer suggestion reads, at a fraction of the cost (one position instead of every position from
+the subject on); the other positions are then not traced (NaN in the effects, left out of the
+category averages and blank in the plots).
 
 Batched: for one fact and one layer, every (token, noise sample) restoration is one batch, and the
 pass resumes at the first restored layer from the cached corrupted activations (layers below it
@@ -42,6 +46,7 @@ from lmedit.models.precision import model_device, working_copy
 
 log = logging.getLogger(__name__)
 KINDS = ("hidden", "mlp", "attn")
+POSITIONS = ("all", "last_subject")
 # ROME's figure rows: where a token sits relative to the subject
 CATEGORIES = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
               "further tokens", "last token")
@@ -60,7 +65,8 @@ class Fact:
 
 @dataclass
 class FactTrace:
-    """One fact's effects: per kind a (T, L) tensor of indirect effects (P restored - P corrupted)."""
+    """One fact's effects: per kind a (T, L) tensor of indirect effects (P restored - P corrupted);
+    NaN at positions that were not traced."""
 
     fact: Fact
     tokens: list[str]
@@ -82,15 +88,18 @@ class TraceResult:
     seconds: float = 0.0
 
     def by_category(self, kind: str) -> torch.Tensor:
-        """(6, L) average indirect effect per token category (ROME's figure rows) and layer."""
+        """(6, L) average indirect effect per token category (ROME's figure rows) and layer, over the
+        facts that have traced tokens in that category (NaN where none has)."""
         sums = torch.zeros(len(CATEGORIES), self.n_layers, dtype=torch.float64)
         counts = torch.zeros(len(CATEGORIES), 1, dtype=torch.float64)
         for t in self.traces:
             for c, rows in enumerate(_categories(t.subject_range, len(t.tokens))):
-                if rows:
-                    sums[c] += t.effects[kind][rows].double().mean(0)
+                vals = t.effects[kind][rows].double()
+                traced = torch.isfinite(vals).all(1)
+                if traced.any():
+                    sums[c] += vals[traced].mean(0)
                     counts[c] += 1
-        return sums / counts.clamp_min(1)
+        return torch.where(counts > 0, sums / counts.clamp_min(1), torch.nan)
 
     def mlp_at_last_subject(self) -> list[float] | None:
         """Per layer, the average indirect effect of restoring the MLP outputs at the last subject token."""
@@ -112,7 +121,8 @@ class TraceResult:
             "mean_p_corrupted": sum(t.p_corrupted for t in self.traces) / max(len(self.traces), 1),
             "mlp_effect_at_last_subject_token": self.mlp_at_last_subject(),
             "suggested_layers": self.suggested_layers(),
-            "by_category": {k: self.by_category(k).tolist() for k in self.settings.get("kinds", KINDS)},
+            "by_category": {k: [[v if v == v else None for v in row] for row in self.by_category(k).tolist()]
+                            for k in self.settings.get("kinds", KINDS)},  # None: no traced token there
             "categories": list(CATEGORIES),
         }
 
@@ -131,7 +141,9 @@ class TraceResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        data = self.by_category(kind).numpy()
+        import numpy as np
+
+        data = np.ma.masked_invalid(self.by_category(kind).numpy())  # untraced rows stay blank
         cmap = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}[kind]
         fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * self.n_layers + 2), 2.6))
         im = ax.pcolor(data, cmap=cmap, vmin=min(0.0, float(data.min())))
@@ -177,9 +189,10 @@ class _Tracer:
     """Runs one fact's restorations on a model (in the compute dtype)."""
 
     def __init__(self, model: nn.Module, tokenizer, adapter: ModelAdapter, samples: int, window: int,
-                 kinds: Sequence[str], generator: torch.Generator):
+                 kinds: Sequence[str], generator: torch.Generator, positions: str = "all"):
         self.model, self.tok, self.adapter = model, tokenizer, adapter
         self.samples, self.window, self.kinds, self.gen = samples, window, kinds, generator
+        self.positions = positions
         self.L = adapter.n_layers(model)
         self.decoder = adapter.decoder(model)
         self.head = adapter.unembed_module(model)
@@ -239,13 +252,14 @@ class _Tracer:
         with Trace({f"h{l}": self.adapter.block(self.model, l) for l in range(L)}, capture="output") as cor:
             hc = self.decoder(inputs_embeds=cor_emb, use_cache=False).last_hidden_state
         p_cor = float(self._probs(hc, answer).mean())
-        positions = torch.arange(s0, T, device=self.device)
+        first = s0 if self.positions == "all" else s1
+        positions = torch.arange(first, T if self.positions == "all" else s1 + 1, device=self.device)
         P = len(positions)
         rows_pos = positions.repeat_interleave(S)  # (P*S,) the restored position of each row
         batch_ids = ids[None].expand(P * S, T)
         effects = {}
         for kind in self.kinds:
-            eff = torch.zeros(T, L)
+            eff = torch.zeros(T, L) if self.positions == "all" else torch.full((T, L), torch.nan)
             for layer in range(L):
                 if kind == "hidden":
                     h_in = cor.outputs[f"h{layer}"].repeat(P, 1, 1)
@@ -261,7 +275,7 @@ class _Tracer:
                     h_in = cor.outputs[f"h{lo - 1}"].repeat(P, 1, 1) if lo > 0 else None
                     out = self._run(batch_ids, lo, h_in, cor_emb.repeat(P, 1, 1) if lo == 0 else None, sets)
                 p = self._probs(out, answer).view(P, S).mean(1)
-                eff[s0:, layer] = (p - p_cor).float().cpu()
+                eff[positions.cpu(), layer] = (p - p_cor).float().cpu()
             effects[kind] = eff
         tokens = [self.tok.decode([t]) for t in ids.tolist()]
         return FactTrace(fact, tokens, (s0, s1), answer_text, float(probs[answer]), p_cor, effects)
@@ -276,8 +290,8 @@ def embedding_std(model: nn.Module, tokenizer, subjects: Sequence[str]) -> float
 
 @torch.no_grad()
 def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 10, noise: float = 3.0,
-          window: int = 10, kinds: Sequence[str] = KINDS, compute_dtype: str = "auto", seed: int = 1,
-          limit: int | None = None, progress: bool = False) -> TraceResult:
+          window: int = 10, kinds: Sequence[str] = KINDS, positions: str = "all", compute_dtype: str = "auto",
+          seed: int = 1, limit: int | None = None, progress: bool = False) -> TraceResult:
     """Causal tracing of ``facts`` (see the module docstring); facts the model does not know are
     skipped, and ``limit`` stops after that many facts were traced."""
     from tqdm.auto import tqdm
@@ -285,6 +299,8 @@ def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"kinds must be among {KINDS}, got {list(kinds)}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if samples < 1 or window < 1 or noise <= 0:
         raise ValueError(f"need samples >= 1, window >= 1 and noise > 0, got {samples}, {window}, {noise}")
     adapter = get_adapter(model)
@@ -293,7 +309,7 @@ def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 
     gen = torch.Generator().manual_seed(seed)
     traces, skipped = [], []
     with working_copy(model, compute_dtype) as work:
-        tracer = _Tracer(work, tokenizer, adapter, samples, min(window, adapter.n_layers(model)), kinds, gen)
+        tracer = _Tracer(work, tokenizer, adapter, samples, min(window, adapter.n_layers(model)), kinds, gen, positions)
         bar = tqdm(total=limit or len(facts), desc="causal tracing", unit="fact", disable=not progress)
         for fact in facts:
             if limit is not None and len(traces) >= limit:
@@ -306,5 +322,6 @@ def trace(model: nn.Module, tokenizer, facts: Sequence[Fact], *, samples: int = 
                 traces.append(got)
         bar.close()
     settings = {"samples": samples, "noise": noise, "noise_std": noise * std, "window": window, "kinds": list(kinds),
+                "positions": positions,
                 "compute_dtype": compute_dtype, "seed": seed}
     return TraceResult(traces, adapter.n_layers(model), skipped, settings, time.perf_counter() - t0)

@@ -117,3 +117,28 @@ def test_unknown_facts_are_skipped_with_the_reason(fresh, tokenizer):
     res = trace(model, tokenizer, [Fact("The capital of {} is", "France", answer="zzzz-not-predicted")], samples=2,
                 window=1, compute_dtype="model")
     assert not res.traces and "predicts" in res.skipped[0]["why"]
+
+
+def test_last_subject_positions_trace_that_row_alone(fresh, tokenizer, tmp_path):
+    """positions="last_subject" gives the last-subject row of the full trace (same noise draws), and
+    marks every other position untraced: left out of the averages, None in the JSON, blank in plots."""
+    model = fresh("llama")
+    full = _run(model, tokenizer)
+    row = _run(model, tokenizer, positions="last_subject")
+    for a, b in zip(full.traces, row.traces):
+        s1 = a.subject_range[1]
+        for kind in ("hidden", "mlp", "attn"):
+            torch.testing.assert_close(b.effects[kind][s1], a.effects[kind][s1], rtol=1e-4, atol=1e-5)
+            others = [i for i in range(len(b.tokens)) if i != s1]
+            assert torch.isnan(b.effects[kind][others]).all()
+    assert row.suggested_layers() == full.suggested_layers()
+    assert row.mlp_at_last_subject() == pytest.approx(full.mlp_at_last_subject(), abs=1e-5)
+    cats = row.by_category("mlp")
+    assert torch.isfinite(cats[2]).all() and torch.isnan(cats[[0, 5]]).all()
+    out = row.save(tmp_path / "row")
+    summary = json.loads((out / "trace.json").read_text())
+    assert summary["settings"]["positions"] == "last_subject"
+    assert summary["by_category"]["mlp"][0] == [None] * row.n_layers
+    assert (out / "trace_mlp.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="positions"):
+        _run(model, tokenizer, positions="first")

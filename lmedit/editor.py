@@ -409,7 +409,7 @@ class Editor:
             h = hashlib.sha256(self.base_fingerprint.encode())
             with torch.no_grad():
                 for l in range(self.adapter.n_layers(self.model)):
-                    w = self.adapter.edit_module(self.model, l).weight.detach().contiguous()
+                    w = self.adapter.stored(self.model, l).detach().contiguous()  # offloaded ones too
                     h.update(w.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
             self._digest = (state, h.hexdigest())
         return self._digest[1]

@@ -80,3 +80,19 @@ def test_statistics_through_offload_hooks(make_tiny, tokenizer, tmp_path):
         assert torch.equal(got[l], ref[l])
     # one fingerprint for the model however it is stored (the statistics cache key)
     assert lmedit.models.loading.fingerprint(model) == lmedit.models.loading.fingerprint(plain)
+
+
+def test_target_files_recognise_offloaded_weights(make_tiny, tokenizer, covariances, tmp_path):
+    """The weights digest reads offloaded weights through the hooks: targets saved from the plain
+    model load into an Editor of its offloaded twin, and are refused there once it is edited."""
+    plain = make_tiny("llama", seed=7)
+    C = covariances(plain, LAYERS)
+    twin = _dispatch(copy.deepcopy(plain), tmp_path / "offload", {1: "disk", 2: "cpu-offload"})
+    kw = {**edit_kwargs("emmet"), "layers": LAYERS}
+    mine = lmedit.Editor(plain, tokenizer, "emmet", covariances=C, **kw)
+    path = mine.save_targets(mine.compute_targets(REQUESTS), tmp_path / "t.safetensors")
+    theirs = lmedit.Editor(twin, tokenizer, "emmet", covariances=C, **kw)
+    loaded = theirs.load_targets(path)
+    theirs.edit(REQUESTS, targets=loaded)
+    with pytest.raises(lmedit.CacheError, match="other weights"):
+        theirs.load_targets(path)

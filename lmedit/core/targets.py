@@ -37,9 +37,11 @@ Why it is fast (the reference runs the whole model over every position, one requ
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -126,8 +128,6 @@ TARGETS_FORMAT_VERSION = 1
 
 def write_targets(path, result: TargetResult, provenance: dict) -> None:
     """Write ``result``'s tensors and ``provenance`` (JSON values) as one safetensors file, atomically."""
-    import json
-
     from safetensors.torch import save_file
 
     from lmedit._fs import atomic_path
@@ -142,9 +142,6 @@ def write_targets(path, result: TargetResult, provenance: dict) -> None:
 def read_targets(path) -> tuple[TargetResult, dict]:
     """(result without provenance, the provenance written with it) of a targets file; CacheError if
     the file is missing, unreadable, truncated, of another format or of an unknown format version."""
-    import json
-    from pathlib import Path
-
     from lmedit._fs import read_safetensors
     from lmedit.errors import CacheError
 

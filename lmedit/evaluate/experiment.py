@@ -79,8 +79,7 @@ def run_eval(
     ee = EasyEditMetrics(model, tokenizer, requests, dtype=eval_dtype) if easyedit else None  # reference: unedited
     evaluate = partial(evaluate_requests, kind=kind, generation=generation, chat=chat, easyedit=ee, dtype=eval_dtype)
     batches = [list(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)]
-    timings = {"stats_s": 0.0, "targets_s": 0.0, "keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0, "eval_s": 0.0,
-               "target_steps": 0.0}
+    timings = dict.fromkeys(("stats_s", "targets_s", "keys_s", "residual_s", "solve_s", "eval_s", "target_steps"), 0.0)
     pre = _gathered(evaluate, model, tokenizer, batches, timings) if pre is None else \
         {k: v for k, v in pre.items() if k != "eval_s"}
     editor.context()
@@ -89,10 +88,9 @@ def run_eval(
         _set_scores(pre)
         _set_scores(post)
     timings["total_s"] = time.perf_counter() - t_all
-    n = len(requests)
-    timings = _per_request(_summed_over_ranks(timings), n)
+    timings = _per_request(_summed_over_ranks(timings), len(requests))
     return {
-        "method": editor.method, "model": model_name, "n": n, "batch_size": batch_size, "sequential": sequential,
+        "method": editor.method, "model": model_name, "n": len(requests), "batch_size": batch_size, "sequential": sequential,
         "kind": kind, "chat": chat, "easyedit": easyedit, "pre": dict(pre), "post": post, "timings": timings,
         "world_size": rank_world()[1], "eval_dtype": eval_dtype, "memory": peak_memory(),
         "hparams": {"preset": editor.preset, **editor.hparams.to_dict()}, "lmedit_version": __version__,

@@ -31,6 +31,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -99,35 +100,47 @@ def evaluation(model, tok, reqs) -> dict:
             "read_positions": reads, "gflop": flop / 1e9, "gflop_per_s": flop / dt / 1e9}
 
 
-def targets(model, tok, reqs) -> list[dict]:
-    """One request per edit with the preset's settings; the resumed tokens counted per step."""
-    seen: dict = {}
+@contextlib.contextmanager
+def counted_steps():
+    """Counts what each target-optimisation step resumes: yields a dict that collects the tokens per
+    step (``tokens``), the layer resumed after and the positions read through the head."""
+    seen: dict = {"tokens": []}
     orig = T._Resumed.step
 
     def step(self, *a, **k):
         before = self.tokens
         out = orig(self, *a, **k)
-        seen.setdefault("tokens", []).append(self.tokens - before)
+        seen["tokens"].append(self.tokens - before)
         seen["layer"], seen["reads"] = self.layer, int(self.lay.loss_rows.numel() + self.lay.is_kl.sum())
         return out
 
-    V, d = lmedit.get_adapter(model).unembed_module(model).weight.shape
-    rows = []
     T._Resumed.step = step
     try:
-        for r in reqs:
-            seen.clear()
-            res = lmedit.edit(model, tok, [r], method="emmet")
-            res.undo()
-            tr = res.timings["targets_s"]
-            n_steps = len(seen["tokens"])
-            per_tok = 2 * 2 * block_params(model, seen["layer"] + 1)  # forward + input gradient
-            flop = sum(seen["tokens"]) * per_tok + n_steps * 2 * 2 * V * d * seen["reads"]
-            rows.append({"case_id": r.case_id, "steps": n_steps, "targets_s": tr, "s_per_step": tr / n_steps,
-                         "tokens_per_step": sum(seen["tokens"]) / n_steps, "gflop": flop / 1e9,
-                         "gflop_per_s": flop / tr / 1e9, "edit_s": res.timings["total_s"]})
+        yield seen
     finally:
         T._Resumed.step = orig
+
+
+def step_flop(model, seen: dict, tokens: int, steps: int) -> float:
+    """Matmul work of ``tokens`` resumed tokens over ``steps`` steps: forward and input gradient
+    through the blocks after the edited layer, the head at the read positions twice."""
+    V, d = lmedit.get_adapter(model).unembed_module(model).weight.shape
+    return tokens * 2 * 2 * block_params(model, seen["layer"] + 1) + steps * 2 * 2 * V * d * seen["reads"]
+
+
+def targets(model, tok, reqs) -> list[dict]:
+    """One request per edit with the preset's settings; the resumed tokens counted per step."""
+    rows = []
+    for r in reqs:
+        with counted_steps() as seen:
+            res = lmedit.edit(model, tok, [r], method="emmet")
+        res.undo()
+        tr = res.timings["targets_s"]
+        n_steps = len(seen["tokens"])
+        flop = step_flop(model, seen, sum(seen["tokens"]), n_steps)
+        rows.append({"case_id": r.case_id, "steps": n_steps, "targets_s": tr, "s_per_step": tr / n_steps,
+                     "tokens_per_step": sum(seen["tokens"]) / n_steps, "gflop": flop / 1e9,
+                     "gflop_per_s": flop / tr / 1e9, "edit_s": res.timings["total_s"]})
     return rows
 
 
@@ -135,24 +148,11 @@ def batch_floor(model, tok, reqs, steps: float) -> dict:
     """The matmul work of one optimisation step of a batch of requests with the preset's settings
     (counted on one forward-only step: every request is still active at the first step), and the
     fewest seconds per edit ``steps`` such steps per request could take at the bf16 peak."""
-    seen: dict = {}
-    orig = T._Resumed.step
-
-    def step(self, *a, **k):
-        before = self.tokens
-        out = orig(self, *a, **k)
-        seen["tokens"] = seen.get("tokens", 0) + self.tokens - before
-        seen["layer"], seen["reads"] = self.layer, int(self.lay.loss_rows.numel() + self.lay.is_kl.sum())
-        return out
-
-    T._Resumed.step = step
-    try:
+    with counted_steps() as seen:
         lmedit.Editor(model, tok, "emmet").compute_targets(reqs, v_num_grad_steps=1)
-    finally:
-        T._Resumed.step = orig
-    V, d = lmedit.get_adapter(model).unembed_module(model).weight.shape
-    flop = seen["tokens"] * 2 * 2 * block_params(model, seen["layer"] + 1) + 2 * 2 * V * d * seen["reads"]
-    return {"requests": len(reqs), "tokens_per_step": seen["tokens"], "gflop_per_request_step": flop / len(reqs) / 1e9,
+    tokens = sum(seen["tokens"])
+    flop = step_flop(model, seen, tokens, 1)
+    return {"requests": len(reqs), "tokens_per_step": tokens, "gflop_per_request_step": flop / len(reqs) / 1e9,
             "steps_per_request": steps}
 
 

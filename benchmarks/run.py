@@ -36,6 +36,7 @@ from lmedit.hooks import Trace
 from lmedit.models.precision import model_device, working_copy
 
 from eval_dtype import old_scoring  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from one_at_a_time import reference_step_s  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact" / "counterfact_500.json"
 
@@ -91,16 +92,7 @@ def bench_targets(model, tok, adapter, args, layers, requests, flat, rows) -> di
             rows.append((f"targets, batch {bs}", f"{t / bs:.2f} s/request ({t:.1f} s)", f"mean steps {steps:.1f}"))
     r0 = requests[0]
     texts0 = [t.replace("{}", r0.prompt, 1).replace("{}", r0.subject) for t in flat] + [f"{r0.subject} is a"]
-    ids, mask = pad(tok(texts0)["input_ids"], pad_id(tok))
-    device = model_device(model)
-
-    def ref_step():  # as the reference's compute_z: parameters not frozen, logits everywhere
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        torch.log_softmax(logits.float(), -1).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    ref_step()
-    _, t_ref = timed(ref_step)
+    t_ref = reference_step_s(model, tok, texts0, reps=1)
     out["reference_style_step_s_per_request"] = t_ref
     rows.append(("targets floor ref.", f"reference-style step: {t_ref * 1000:.0f} ms/request",
                  f"x{args.steps} steps = {t_ref * args.steps:.1f} s/request (before early stop)"))

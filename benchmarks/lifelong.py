@@ -178,7 +178,8 @@ def unedited_reference(args) -> None:
 
 
 def write_tables(out: Path) -> None:
-    states = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "unedited.json"]
+    # run states only: other analyses (ablation, key capacity) may share the folder
+    states = [s for s in (json.loads(p.read_text()) for p in sorted(out.glob("*.json"))) if "rows" in s and "method" in s]
     cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
             "first_neighborhood_score", "known_retention", "perplexity", "fluency", "rel_change_max"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

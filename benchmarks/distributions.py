@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/distributions.py --batch-sizes 1,16,64,256,1024 --methods emmet,memit \
-        --distributions single,spread,joint,cascade,refit --out results/distributions
+        --distributions single,spread,joint,cascade,refit --out results/distributions [--layers 1,2,3,4,5,6,7,8]
 
 Records come from ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split: one rewrite,
 one paraphrase and one neighbourhood prompt per record). A cell of batch size B edits the first
@@ -25,7 +25,8 @@ ES / PS / NS / Score and magnitudes, the residual still missing at the last laye
 the condition number of each layer's G_l = K_l^T M_l^-1 K_l (the B x B system EMMET inverts), and
 the time of keys, residual passes and solves (per-batch values: means over batches; condition:
 the largest). ``<out>/table.md`` and one PNG per metric against batch size (a line per method x
-distribution) summarise every cell found.
+distribution) summarise every cell found. ``--layers`` edits another set of layers ending at the preset's
+last one (so the cells share its target vectors): which layers take part is part of a distribution too.
 """
 
 from __future__ import annotations
@@ -190,8 +191,12 @@ def main() -> None:
                     "edit this many records in several batches)")
     ap.add_argument("--methods", default="emmet,memit")
     ap.add_argument("--distributions", default="single,spread,joint,cascade,refit")
+    ap.add_argument("--layers", default=None, help="edited layers instead of the preset's, e.g. 1,2,3,4,5,6,7,8 "
+                    "(cells are labelled DIST@FIRST-LAST; the last layer, and so the target vectors, must stay "
+                    "the preset's for the cells to share them)")
     ap.add_argument("--out", default="results/distributions")
     args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     configure_threads()
     out = Path(args.out)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -206,22 +211,24 @@ def main() -> None:
             pre = evaluate_requests(model, tok, reqs)
             (cell_dir / "pre.json").write_text(json.dumps({k: pre[k] for k in METRIC_KEYS}, indent=1))
         for method in args.methods.split(","):
-            editor = lmedit.Editor(model, tok, method)
+            editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}))
+            where = f"@{layers[0]}-{layers[-1]}" if layers else ""
             cached = None
             for dist in args.distributions.split(","):
-                cell = cell_dir / f"{method}_{dist}.json"
+                cell = cell_dir / f"{method}_{dist}{where}.json"
                 if cell.exists():
                     print(f"skip {cell}", flush=True)
                     continue
                 if cached is None:
                     cached = shared_targets(editor, reqs, targets_dir)
                 row = run_cell(editor, reqs, dist, cached, bs)
-                row.update(method=method, distribution=dist, batch_size=bs, n=len(reqs), data=args.data,
+                row.update(method=method, distribution=dist + where, batch_size=bs, n=len(reqs), data=args.data,
                            hparams={"preset": editor.preset, **editor.hparams.to_dict()},
                            lmedit_version=lmedit.__version__,
                            command=f"python benchmarks/distributions.py --batch-sizes {args.batch_sizes} "
                                    f"--records {args.records} --methods {args.methods} "
-                                   f"--distributions {args.distributions} --out {args.out}")
+                                   f"--distributions {args.distributions} --out {args.out}"
+                                   + (f" --layers {args.layers}" if layers else ""))
                 with atomic_path(cell) as tmp:
                     tmp.write_text(json.dumps(row, indent=1))
                 print(f"b{bs} {method:6s} {dist:8s} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "

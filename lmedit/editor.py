@@ -37,7 +37,8 @@ from lmedit.core.context import cached_context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import TargetResult, compute_targets, plan_chunks, read_targets, write_targets
+from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, plan_chunks, read_targets,
+                                 reference_norm, write_targets)
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
@@ -272,8 +273,11 @@ class Editor:
         if self._ledger_path is not None and self.ledger is None:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
                                         self.context(hp))
+        measured = hp.norm_anchor and not hp.norm_reference  # the first batch measures the reference
+        if hp.norm_anchor:
+            self._check_anchoring(hp)
         with WeightTransaction(self.model, self.adapter) as tx:
-            parts, infos, keys, earlier = self._apply(tx, reqs, hp, groups, C, targets, timings)
+            parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings)
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
                 self.ledger.append(BatchRecord(self.method, {"preset": self.preset, **hp.to_dict()},
                                                [r.to_dict() for r in reqs], tx.record.deltas, keys),
@@ -283,16 +287,45 @@ class Editor:
                             infos, keys, state_before=state_before)
         if hp.preserve_edits:
             self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
+        if measured:  # a property of the unedited model: kept for this Editor's later edits
+            self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
         self._record(result)
         return result
 
+    def _carries_edits(self) -> bool:
+        """Whether the model carries edits of this Editor (applied, sealed, or replayed from a ledger)."""
+        return bool(self.history) or self._n_sealed > 0 or (self.ledger is not None and bool(self.ledger.batches))
+
+    def _check_anchoring(self, hp: EditHParams) -> None:
+        if self.adapter.post_mlp_norm is not None:
+            raise HyperparameterError(f"norm_anchor: {self.adapter.model_type} normalises the MLP output before the "
+                                      "residual add, so a value vector's norm is not what reaches the residual "
+                                      "stream; norm anchoring is defined for blocks without that norm")
+        if not hp.norm_reference and self._carries_edits():
+            raise HyperparameterError("norm_anchor needs norm_reference, the value vectors' norm on the unedited "
+                                      "model: this model already carries edits of this Editor, so it cannot be "
+                                      "measured now; set norm_reference, or begin anchoring with the first edit")
+
+    def _anchored(self, tr: TargetResult, hp: EditHParams) -> tuple[TargetResult, EditHParams]:
+        """Norm-Anchor Scaling of one batch's targets; the first batch measures the reference."""
+        if not hp.norm_reference:
+            if tr.value is None:
+                raise HyperparameterError("norm_anchor: these target vectors carry no value vectors (written by an "
+                                          "older lmedit); compute them afresh")
+            hp = hp.replace(norm_reference=reference_norm(tr.value))
+        try:
+            return anchor_norms(tr, hp.norm_reference), hp
+        except ValueError as e:
+            raise HyperparameterError(f"norm_anchor: {e}") from e
+
     def _apply(self, tx: WeightTransaction, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
                C: dict[int, torch.Tensor], given: TargetResult | None,
-               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict], dict, dict]:
+               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict], dict, dict, EditHParams]:
         """Targets, then the distribution over layers, per batch (one batch, or one per request for ROME).
 
-        Returns the target parts, per-batch diagnostics, and the new sum of earlier keys (with
-        preserve_edits; committed by the caller only if the whole edit succeeds)."""
+        Returns the target parts, per-batch diagnostics, the new sum of earlier keys (with
+        preserve_edits; committed by the caller only if the whole edit succeeds) and the
+        hyperparameters (with the norm reference, where the first batch measured it)."""
         from tqdm.auto import tqdm
 
         if self.adapter.post_mlp_norm is not None and len(hp.layers) > 1 and hp.distribution != "single":
@@ -310,6 +343,8 @@ class Editor:
             for batch in bar:
                 t0 = time.perf_counter()
                 tr = given if given is not None else self._targets(shared, batch, flat, hp, len(batches) == 1)
+                if hp.norm_anchor:
+                    tr, hp = self._anchored(tr, hp)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
@@ -326,7 +361,7 @@ class Editor:
                     sync_weights(shared, self.model, edited)  # the next request's targets see this edit
                 parts.append(tr)
                 infos.append(info)
-        return parts, infos, keys, earlier
+        return parts, infos, keys, earlier, hp
 
     @contextmanager
     def _work_model(self, hp: EditHParams, needed: bool) -> Iterator[nn.Module | None]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +100,9 @@ class TargetResult:
     # what the vectors were computed from (layer, settings, templates, requests, weights state), so
     # that Editor.edit(targets=...) can refuse to reuse them for anything else
     provenance: dict = field(default_factory=dict)
+    # (B, d) float32 v* = v0 + delta: the MLP output of the target layer at the subject's last token that
+    # the target asks for (v0 the unedited one, bare prompt); None in files written before it was kept
+    value: torch.Tensor | None = None
 
     def part(self, start: int, stop: int) -> "TargetResult":
         """The vectors of requests ``start:stop`` (e.g. one batch's share of a larger computation)."""
@@ -107,7 +110,7 @@ class TargetResult:
         if "requests" in prov:
             prov["requests"] = list(prov["requests"])[start:stop]
         return TargetResult(**{k: getattr(self, k)[start:stop] for k in _TENSORS}, stats=dict(self.stats),
-                            provenance=prov)
+                            provenance=prov, value=None if self.value is None else self.value[start:stop])
 
     @classmethod
     def concat(cls, parts: Sequence["TargetResult"]) -> "TargetResult":
@@ -115,6 +118,7 @@ class TargetResult:
         if len(parts) == 1:
             return parts[0]
         cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
+        cat["value"] = None if any(p.value is None for p in parts) else torch.cat([p.value for p in parts])
         prov = {}
         if all(p.provenance == {**parts[0].provenance, "requests": p.provenance.get("requests")} for p in parts):
             prov = {**parts[0].provenance, "requests": [k for p in parts for k in p.provenance.get("requests", [])]}
@@ -136,7 +140,8 @@ def write_targets(path, result: TargetResult, provenance: dict) -> None:
     meta = {"format": TARGETS_FORMAT, "format_version": str(TARGETS_FORMAT_VERSION), "lmedit_version": __version__,
             "provenance": json.dumps(provenance), "stats": json.dumps(result.stats)}
     with atomic_path(path) as tmp:
-        save_file({k: getattr(result, k).detach().cpu().contiguous() for k in _TENSORS}, str(tmp), metadata=meta)
+        names = _TENSORS + (("value",) if result.value is not None else ())
+        save_file({k: getattr(result, k).detach().cpu().contiguous() for k in names}, str(tmp), metadata=meta)
 
 
 def read_targets(path) -> tuple[TargetResult, dict]:
@@ -153,7 +158,7 @@ def read_targets(path) -> tuple[TargetResult, dict]:
         raise CacheError(f"targets file {path} has format version {meta.get('format_version')}, this lmedit reads "
                          f"{TARGETS_FORMAT_VERSION}; compute the targets afresh")
     missing = [k for k in _TENSORS if k not in tensors]
-    n = {tensors[k].shape[0] for k in _TENSORS if k in tensors}
+    n = {tensors[k].shape[0] for k in (*_TENSORS, "value") if k in tensors}
     if missing or len(n) != 1:
         raise CacheError(f"targets file {path} is corrupt (missing {missing} or rows that do not agree)")
     try:
@@ -163,7 +168,32 @@ def read_targets(path) -> tuple[TargetResult, dict]:
     if len(provenance.get("requests", [])) != n.pop():
         raise CacheError(f"targets file {path} is corrupt: its vectors and its requests differ in number")
     provenance["requests"] = [tuple(r) for r in provenance["requests"]]
-    return TargetResult(**{k: tensors[k] for k in _TENSORS}, stats=stats), provenance
+    return TargetResult(**{k: tensors[k] for k in _TENSORS}, stats=stats, value=tensors.get("value")), provenance
+
+
+def reference_norm(values: torch.Tensor, upper_quantile: float = 0.95) -> float:
+    """The mean norm of value vectors v* (rows of ``values``) without the largest ``1 - upper_quantile``
+    share: Norm-Anchor Scaling's reference, measured on the unedited model."""
+    norms = values.double().norm(dim=1).sort().values
+    drop = int((1.0 - upper_quantile) * len(norms))
+    return float(norms[:len(norms) - drop].mean())
+
+
+def anchor_norms(result: TargetResult, reference: float) -> TargetResult:
+    """``result`` with each value vector rescaled to norm ``reference`` (Norm-Anchor Scaling, Liu et al.
+    2026): v*' = v* reference / ||v*||, and the target moved by the same change, z*' = z* + v*' - v*.
+    In sequential editing, edited weights make v0, and with it v*, grow batch after batch, and larger
+    targets make larger updates; anchoring every v* to a norm of the unedited model breaks that loop.
+    Idempotent: anchored vectors already have the reference norm."""
+    if result.value is None:
+        raise ValueError("these target vectors carry no value vectors v* (written by an older lmedit): compute "
+                         "them afresh to anchor their norms")
+    if not reference > 0:
+        raise ValueError(f"the reference norm must be positive, got {reference}")
+    v = result.value.float()
+    scaled = v * (reference / v.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return replace(result, targets=result.targets + (scaled - v), value=scaled,
+                               stats={**result.stats, "anchor_scale": (scaled.norm(dim=1) / v.norm(dim=1)).tolist()})
 
 
 def compute_targets(
@@ -266,6 +296,7 @@ class _Prefix:
     tokens: int  # tokens run through the model
     o_s: torch.Tensor | None = None  # (N, d) MLP output at column S, where a post-MLP norm follows it
     o_plain: torch.Tensor | None = None  # (B, d) the same at the bare prompts' rows
+    v0: torch.Tensor | None = None  # (B, d) float32 MLP output at the subject-last column of the bare prompts
 
 
 @torch.no_grad()
@@ -287,7 +318,8 @@ def _prefix_pass(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, lay
     out = tr.outputs
     plain = lay.plain_rows.to(out["block"].device)
     pre = _Prefix(kv=kv, h_suffix=out["block"], z0=out["block"][plain, 0].float(),
-                  init=out[anchor][plain.to(out[anchor].device), 0].float(), tokens=tokens + lay.ids[:, S:].numel())
+                  init=out[anchor][plain.to(out[anchor].device), 0].float(), tokens=tokens + lay.ids[:, S:].numel(),
+                  v0=out["mlp"][plain.to(out["mlp"].device), 0].float())
     if adapter.post_mlp_norm is not None and anchor == "mlp":  # ROME's v*: delta goes into the MLP output,
         # before the block's post-MLP norm (a change the norm lets through; see _post_norm_shift)
         pre.o_s = out["mlp"][:, 0].float()
@@ -467,4 +499,5 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
             z_delta = _post_norm_shift(run.post_norm, pre.o_plain, delta)
     return TargetResult(targets=(pre.z0 + z_delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss_out.cpu(),
                         steps=(steps + 1).cpu(), target_prob=prob_out.cpu(),
-                        stats={"forward_tokens": pre.tokens + run.tokens})
+                        stats={"forward_tokens": pre.tokens + run.tokens},
+                        value=(pre.v0.to(delta.device) + delta).cpu())

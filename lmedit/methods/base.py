@@ -60,6 +60,13 @@ class EditHParams(TargetConfig):
                              choices=("auto", "block", "mlp"))
     preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
                                  "(sum K_p K_p^T; for lifelong editing)")
+    norm_anchor: bool = param(False, "Norm-Anchor Scaling (Liu et al. 2026; for lifelong editing): rescale each "
+                              "request's value vector v* (the MLP output of the last edited layer its target asks "
+                              "for) to norm_reference, so that edited weights cannot inflate later targets")
+    norm_reference: float = param(0.0, "with norm_anchor: the norm value vectors are rescaled to; 0: measured on the "
+                                  "first batch this Editor edits while the model carries none of its edits (mean "
+                                  "||v*|| without the largest 5 %), then kept for later batches and in the ledger",
+                                  min=0)
 
     anchor: ClassVar[str] = "block"  # target norms relative to the block output (MEMIT) or MLP output (ROME)
     sequential: ClassVar[bool] = False  # edit requests one after another (ROME) instead of as one batch

@@ -153,6 +153,7 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
         res = editor.edit(batch)
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
+        state["hparams"] = editor.hparams.to_dict()  # with what the first batch measured (norm_reference)
         release_freed_memory()
         print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
         if n_done % args.eval_every == 0 or i == len(batches) - 1:

@@ -266,6 +266,9 @@ class Editor:
             self._check_reusable(targets, reqs, groups, hp)
         else:  # refuses a request that cannot fit the memory budget, before any work
             self._target_chunks(reqs, [t for g in groups for t in g], hp)
+        measured = hp.norm_anchor and not hp.norm_reference  # the first batch measures the reference
+        if hp.norm_anchor:
+            self._check_anchoring(hp, targets)
         t0 = time.perf_counter()
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
@@ -273,9 +276,6 @@ class Editor:
         if self._ledger_path is not None and self.ledger is None:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
                                         self.context(hp))
-        measured = hp.norm_anchor and not hp.norm_reference  # the first batch measures the reference
-        if hp.norm_anchor:
-            self._check_anchoring(hp)
         with WeightTransaction(self.model, self.adapter) as tx:
             parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings)
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
@@ -287,36 +287,34 @@ class Editor:
                             infos, keys, state_before=state_before)
         if hp.preserve_edits:
             self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
-        if measured:  # a property of the unedited model: kept for this Editor's later edits
+        if measured and (hp.layers[-1], hp.site) == (self.hparams.layers[-1], self.hparams.site):
+            # a property of the unedited model at this target layer and site: kept for later edits
             self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
         self._record(result)
         return result
 
-    def _carries_edits(self) -> bool:
-        """Whether the model carries edits of this Editor (applied, sealed, or replayed from a ledger)."""
-        return bool(self.history) or self._n_sealed > 0 or (self.ledger is not None and bool(self.ledger.batches))
-
-    def _check_anchoring(self, hp: EditHParams) -> None:
+    def _check_anchoring(self, hp: EditHParams, targets: TargetResult | None) -> None:
         if self.adapter.post_mlp_norm is not None:
             raise HyperparameterError(f"norm_anchor: {self.adapter.model_type} normalises the MLP output before the "
                                       "residual add, so a value vector's norm is not what reaches the residual "
                                       "stream; norm anchoring is defined for blocks without that norm")
-        if not hp.norm_reference and self._carries_edits():
+        if not hp.norm_reference and self.weights_state() != 0:  # edits, a ledger replay or an outside write
             raise HyperparameterError("norm_anchor needs norm_reference, the value vectors' norm on the unedited "
-                                      "model: this model already carries edits of this Editor, so it cannot be "
+                                      "model: the weights have changed since this Editor was made, so it cannot be "
                                       "measured now; set norm_reference, or begin anchoring with the first edit")
+        if targets is not None and targets.value is None:
+            raise HyperparameterError("norm_anchor: the given target vectors carry no value vectors (a file written "
+                                      "by an older lmedit); compute them afresh")
 
-    def _anchored(self, tr: TargetResult, hp: EditHParams) -> tuple[TargetResult, EditHParams]:
-        """Norm-Anchor Scaling of one batch's targets; the first batch measures the reference."""
+    @staticmethod
+    def _anchored(tr: TargetResult, hp: EditHParams) -> tuple[TargetResult, EditHParams]:
+        """Norm-Anchor Scaling of one batch's targets (the first batch measures the reference); the
+        result's provenance records the reference, so that it is not reused unanchored."""
         if not hp.norm_reference:
-            if tr.value is None:
-                raise HyperparameterError("norm_anchor: these target vectors carry no value vectors (written by an "
-                                          "older lmedit); compute them afresh")
             hp = hp.replace(norm_reference=reference_norm(tr.value))
-        try:
-            return anchor_norms(tr, hp.norm_reference), hp
-        except ValueError as e:
-            raise HyperparameterError(f"norm_anchor: {e}") from e
+        out = anchor_norms(tr, hp.norm_reference)
+        out.provenance = {**tr.provenance, "norm_reference": hp.norm_reference}
+        return out, hp
 
     def _apply(self, tx: WeightTransaction, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
                C: dict[int, torch.Tensor], given: TargetResult | None,
@@ -495,6 +493,9 @@ class Editor:
                           ("config", "other target-optimisation settings"), ("templates", "other context templates")):
             if targets.provenance.get(key) != want[key]:
                 raise HyperparameterError(f"targets= were computed for {what}; compute them afresh")
+        if targets.provenance.get("norm_reference") and not hp.norm_anchor:
+            raise HyperparameterError("targets= were rescaled by norm_anchor; reuse them with norm_anchor=True (any "
+                                      "reference: the rescaling keeps their direction) or compute them afresh")
 
     # --- history -------------------------------------------------------------------------------
     def _record(self, result: EditResult) -> None:

@@ -100,8 +100,9 @@ class TargetResult:
     # what the vectors were computed from (layer, settings, templates, requests, weights state), so
     # that Editor.edit(targets=...) can refuse to reuse them for anything else
     provenance: dict = field(default_factory=dict)
-    # (B, d) float32 v* = v0 + delta: the MLP output of the target layer at the subject's last token that
-    # the target asks for (v0 the unedited one, bare prompt); None in files written before it was kept
+    # (B, d) float32 v* = v0 + delta: the MLP output of the target layer at the subject's last token (bare
+    # prompt) that the target asks for, v0 that output on the weights the targets were computed on; None
+    # where a post-MLP norm sits between the two (Gemma 2/3) and in files written before it was kept
     value: torch.Tensor | None = None
 
     def part(self, start: int, stop: int) -> "TargetResult":
@@ -184,16 +185,16 @@ def anchor_norms(result: TargetResult, reference: float) -> TargetResult:
     2026): v*' = v* reference / ||v*||, and the target moved by the same change, z*' = z* + v*' - v*.
     In sequential editing, edited weights make v0, and with it v*, grow batch after batch, and larger
     targets make larger updates; anchoring every v* to a norm of the unedited model breaks that loop.
-    Idempotent: anchored vectors already have the reference norm."""
+    Idempotent: anchored vectors already have the reference norm. ``delta`` stays the optimised shift
+    (so z* = z0 + delta no longer holds once rescaled)."""
     if result.value is None:
-        raise ValueError("these target vectors carry no value vectors v* (written by an older lmedit): compute "
-                         "them afresh to anchor their norms")
+        raise ValueError("these target vectors carry no value vectors v* (a block with a post-MLP norm, or a file "
+                         "written by an older lmedit)")
     if not reference > 0:
         raise ValueError(f"the reference norm must be positive, got {reference}")
     v = result.value.float()
     scaled = v * (reference / v.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    return replace(result, targets=result.targets + (scaled - v), value=scaled,
-                               stats={**result.stats, "anchor_scale": (scaled.norm(dim=1) / v.norm(dim=1)).tolist()})
+    return replace(result, targets=result.targets + (scaled - v), value=scaled)
 
 
 def compute_targets(
@@ -500,4 +501,4 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     return TargetResult(targets=(pre.z0 + z_delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss_out.cpu(),
                         steps=(steps + 1).cpu(), target_prob=prob_out.cpu(),
                         stats={"forward_tokens": pre.tokens + run.tokens},
-                        value=(pre.v0.to(delta.device) + delta).cpu())
+                        value=None if adapter.post_mlp_norm is not None else (pre.v0.to(delta.device) + delta).cpu())

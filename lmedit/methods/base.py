@@ -65,7 +65,9 @@ class EditHParams(TargetConfig):
                               "for) to norm_reference, so that edited weights cannot inflate later targets")
     norm_reference: float = param(0.0, "with norm_anchor: the norm value vectors are rescaled to; 0: measured on the "
                                   "first batch this Editor edits while the model carries none of its edits (mean "
-                                  "||v*|| without the largest 5 %), then kept for later batches and in the ledger",
+                                  "||v*|| without the largest 5 %; ROME: the first request's), then kept for later batches "
+                                  "and in the ledger; edits made before the Editor cannot be seen, so begin on the "
+                                  "unedited model or give the value",
                                   min=0)
 
     anchor: ClassVar[str] = "block"  # target norms relative to the block output (MEMIT) or MLP output (ROME)

@@ -75,6 +75,40 @@ def test_anchoring_cannot_begin_on_an_edited_model_without_a_reference(fresh, to
     assert ed.hparams.norm_reference == 0.0  # an override is for that edit only
 
 
+def test_rome_measures_on_its_first_request_and_lands(fresh, tokenizer):
+    model = fresh("llama")
+    args = edit_kwargs("rome")
+    ed = lmedit.Editor(model, tokenizer, "rome", covariances=spd_covariances(model, args["layers"]), **args,
+                       norm_anchor=True)
+    lp0 = [target_logprob(model, tokenizer, r) for r in REQUESTS]
+    r = ed.edit(REQUESTS)  # one request after another: the first, on the unedited model, sets the reference
+    ref = ed.hparams.norm_reference
+    assert ref > 0 and torch.allclose(r.targets.value.norm(dim=1), torch.full((len(REQUESTS),), ref), rtol=1e-4)
+    assert all(target_logprob(model, tokenizer, q) > lp + 1.0 for q, lp in zip(REQUESTS, lp0))
+
+
+def test_anchored_targets_are_not_reused_unanchored_and_old_files_are_refused(fresh, tokenizer, tmp_path):
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, method="memit", keep_history=True)
+    r = ed.edit(REQUESTS, norm_anchor=True)
+    ed.undo()
+    before = snapshot(model)
+    with pytest.raises(HyperparameterError, match="rescaled by norm_anchor"):
+        ed.edit(REQUESTS, targets=r.targets)
+    assert_same(model, before)
+    again = ed.edit(REQUESTS, targets=r.targets, norm_anchor=True, norm_reference=r.hparams.norm_reference)
+    assert torch.allclose(again.targets.targets, r.targets.targets, atol=1e-5)
+    ed.undo()
+    tr = ed.compute_targets(REQUESTS)
+    tr.value = None  # as a file written before value vectors were kept
+    ed.save_targets(tr, tmp_path / "old.safetensors")
+    old = ed.load_targets(tmp_path / "old.safetensors")
+    assert old.value is None
+    with pytest.raises(HyperparameterError, match="carry no value vectors"):
+        ed.edit(REQUESTS, targets=old, norm_anchor=True, norm_reference=2.0)
+    assert_same(model, before)
+
+
 def test_blocks_with_a_post_mlp_norm_refuse_anchoring(fresh, tokenizer):
     model = fresh("gemma3_text")
     args = edit_kwargs("memit")

@@ -57,7 +57,7 @@ def conditioning(editor, result) -> dict[int, float]:
     systems = editor.systems(hp, editor.covariances())
     out = {}
     for layer, K in result.keys.items():
-        K64 = K.T.to(torch.float64)
+        K64 = K.T.to(systems[layer].C.device, torch.float64)  # the layer's solve device
         G = K64.T @ form.metric_solve(K64, systems[layer])
         ev = torch.linalg.eigvalsh(0.5 * (G + G.T))
         out[layer] = float(ev[-1] / ev[0].clamp_min(1e-300))
@@ -194,9 +194,13 @@ def main() -> None:
     ap.add_argument("--layers", default=None, help="edited layers instead of the preset's, e.g. 1,2,3,4,5,6,7,8 "
                     "(cells are labelled DIST@FIRST-LAST; the last layer, and so the target vectors, must stay "
                     "the preset's for the cells to share them)")
+    ap.add_argument("--set", default=None, help="hyperparameters for every method that has them, e.g. "
+                    "emmet_lambda=1.0 (cells are labelled DIST+KEY=VALUE; the target settings must stay the "
+                    "preset's for the cells to share the target vectors)")
     ap.add_argument("--out", default="results/distributions")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    overrides = dict(kv.split("=", 1) for kv in args.set.split(",")) if args.set else {}
     configure_threads()
     out = Path(args.out)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -211,8 +215,13 @@ def main() -> None:
             pre = evaluate_requests(model, tok, reqs)
             (cell_dir / "pre.json").write_text(json.dumps({k: pre[k] for k in METRIC_KEYS}, indent=1))
         for method in args.methods.split(","):
-            editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}))
-            where = f"@{layers[0]}-{layers[-1]}" if layers else ""
+            fields = lmedit.Editor(model, tok, method).hparams.to_dict()
+            given = {k: type(fields[k])(v) for k, v in overrides.items() if k in fields}  # typed as the field
+            if overrides and not given:
+                print(f"skip {method}: it has none of {sorted(overrides)}", flush=True)
+                continue
+            editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}), **given)
+            where = (f"@{layers[0]}-{layers[-1]}" if layers else "") + "".join(f"+{k}={v}" for k, v in given.items())
             cached = None
             for dist in args.distributions.split(","):
                 cell = cell_dir / f"{method}_{dist}{where}.json"
@@ -228,7 +237,8 @@ def main() -> None:
                            command=f"python benchmarks/distributions.py --batch-sizes {args.batch_sizes} "
                                    f"--records {args.records} --methods {args.methods} "
                                    f"--distributions {args.distributions} --out {args.out}"
-                                   + (f" --layers {args.layers}" if layers else ""))
+                                   + (f" --layers {args.layers}" if layers else "")
+                                   + (f" --set {args.set}" if args.set else ""))
                 with atomic_path(cell) as tmp:
                     tmp.write_text(json.dumps(row, indent=1))
                 print(f"b{bs} {method:6s} {dist:8s} ES {row['efficacy_score']:5.1f} PS {row['paraphrase_score']:5.1f} "

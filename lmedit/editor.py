@@ -46,7 +46,7 @@ from lmedit.ledger import BatchRecord, Ledger
 from lmedit.methods import EditHParams, get_method
 from lmedit.models.adapters import ModelAdapter, get_adapter
 from lmedit.models.loading import fingerprint
-from lmedit.models.precision import compute_dtype, model_device, model_dtype, sync_weights, working_copy
+from lmedit.models.precision import compute_dtype, model_device, model_dtype, solve_device, sync_weights, working_copy
 from lmedit.presets import resolve_hparams
 from lmedit.requests import EditRequest, as_requests
 
@@ -160,6 +160,7 @@ class Editor:
         self._C: dict[tuple, torch.Tensor] = {}  # statistics loaded so far, by (layer, statistics settings)
         self._context: dict[tuple, list[list[str]]] = {}
         self._null: dict[tuple, torch.Tensor] = {}  # AlphaEdit's null-space bases, by (layer, energy)
+        self._on_device: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # C copied to a GPU solve device
         # Lifelong state: per layer, the float64 sum K_p K_p^T of the keys of this Editor's edits made
         # with preserve_edits (what later edits preserve), and how many edits it holds.
         self.earlier: dict[int, torch.Tensor] = {}
@@ -225,14 +226,27 @@ class Editor:
         earlier = self.earlier if earlier is None else earlier
         out = {}
         for layer in hp.layers:
+            dev = solve_device(self.adapter.edit_module(self.model, layer))
+            Cl = self._placed(layer, C[layer], dev)
             basis = None
             if hp.needs_null_space:
-                key = (layer, hp.nullspace_energy, id(C[layer]))
+                key = (layer, hp.nullspace_energy, id(Cl))
                 if key not in self._null:
-                    self._null[key] = null_space_basis(C[layer], hp.nullspace_energy)
+                    self._null[key] = null_space_basis(Cl, hp.nullspace_energy)
                 basis = self._null[key]
-            out[layer] = LayerSystem(C[layer], earlier.get(layer) if hp.preserve_edits else None, basis)
+            prev = earlier.get(layer) if hp.preserve_edits else None
+            out[layer] = LayerSystem(Cl, None if prev is None else prev.to(dev), basis)
         return out
+
+    def _placed(self, layer: int, C: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """C on the device its layer's solve runs on (``solve_device``), copied there once per
+        statistics tensor and kept (the CPU tensor itself where the solve runs on the CPU)."""
+        if C.device == dev:
+            return C
+        key = (layer, id(C), str(dev))
+        if key not in self._on_device or self._on_device[key][0] is not C:  # [0]: id() alone may be reused
+            self._on_device[key] = (C, C.to(dev))
+        return self._on_device[key][1]
 
     def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         out = {}

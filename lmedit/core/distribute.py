@@ -131,7 +131,9 @@ class Pieces:
             self.timings["residual_s"] += time.perf_counter() - t0
             R = self.adapter.output_change(self.model, layer, R, out)
         t0 = time.perf_counter()
-        dW = self.solver(R.T, K.T, self.systems[layer])
+        system = self.systems[layer]
+        dev = system.C.device  # the layer's solve device (a GPU where it computes on one)
+        dW = self.solver(R.T.to(dev), K.T.to(dev), system).to(R.device)
         self.timings["solve_s"] += time.perf_counter() - t0
         return dW
 
@@ -147,7 +149,8 @@ class Pieces:
         t0 = time.perf_counter()
         form = self.joint_form()
         layers = sorted(K)
-        Ys = [form.metric_solve(K[l].T.to(torch.float64), self.systems[l]) for l in layers]
+        Ys = [form.metric_solve(K[l].T.to(self.systems[l].C.device, torch.float64), self.systems[l]).to(R.device)
+              for l in layers]
         dWs = solvers.joint(R.T, [K[l].T for l in layers], Ys, form.kind, form.ridge)
         self.timings["solve_s"] += time.perf_counter() - t0
         return dict(zip(layers, dWs))

@@ -78,6 +78,14 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def solve_device(module: nn.Module) -> torch.device:
+    """Where the float64 closed-form solve for ``module``'s weight runs: the GPU the module computes
+    on (CUDA has float64 Cholesky; a 8,960-wide system factors in milliseconds there against
+    about a second on 16 CPU cores), else the CPU (also for MPS, which has no float64)."""
+    dev = module_device(module)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
 def is_dispatched(model: nn.Module) -> bool:
     """Whether accelerate spread ``model`` over devices or offloaded part of it (``device_map``)."""
     return bool(getattr(model, "hf_device_map", None)) or any(hasattr(m, "_hf_hook") for m in model.modules())

@@ -243,8 +243,8 @@ class Editor:
         statistics tensor and kept (the CPU tensor itself where the solve runs on the CPU)."""
         if C.device == dev:
             return C
-        key = (layer, id(C), str(dev))
-        if key not in self._on_device or self._on_device[key][0] is not C:  # [0]: id() alone may be reused
+        key = (layer, id(C), str(dev))  # the entry keeps C alive, so its id is not reused meanwhile
+        if key not in self._on_device:
             self._on_device[key] = (C, C.to(dev))
         return self._on_device[key][1]
 

@@ -14,7 +14,8 @@ At 0 edits and every K edits: efficacy / paraphrase / neighbourhood scores over 
 so far (all of them up to --sample-min, else a fixed random share --sample of at least that many),
 the same on the first batch, retention of the known facts the unedited model answers
 (``known_1209.json``), perplexity on held-out Wikipedia paragraphs (after those used for the
-statistics), fluency of greedy continuations, and |W - W0| / |W0| per edited layer. Writes
+statistics), fluency of greedy continuations, and |W - W0| / |W0| per edited layer. ``--protect``
+puts the keys of other records of the data (never edited) into a method's preserved set first. Writes
 OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
 """
 
@@ -115,7 +116,19 @@ def editable_weights(model, adapter) -> dict:
     return {l: adapter.weight(model, l).detach().to("cpu", torch.float32, copy=True) for l in range(adapter.n_layers(model))}
 
 
-def run_method(label: str, method: str, args, overrides: dict) -> dict:
+def protected_facts(spec: str, args) -> tuple[list, float]:
+    """Records START..STOP of --data (and the weight) of a ``START:STOP[@WEIGHT]`` protect spec."""
+    span, _, weight = spec.partition("@")
+    start, stop = (int(x) for x in span.split(":"))
+    if start < args.n:
+        raise SystemExit(f"--protect {spec}: records from {start} on overlap the {args.n} edited ones (start at >= {args.n})")
+    facts = lmedit.load_requests(args.data, limit=stop)[start:]
+    if len(facts) != stop - start:
+        raise SystemExit(f"--protect {spec}: {args.data} has only {start + len(facts)} records")
+    return facts, float(weight) if weight else 1.0
+
+
+def run_method(label: str, method: str, args, overrides: dict, protect: str | None = None) -> dict:
     path = Path(args.out) / f"{label}.json"
     state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
@@ -126,6 +139,11 @@ def run_method(label: str, method: str, args, overrides: dict) -> dict:
     editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
     W0 = {l: W0[l] for l in editor.hparams.layers}
     done = editor.ledger.n_requests if editor.ledger else 0
+    if protect and not done:  # once, before the first batch; a resumed run has them from its ledger
+        facts, weight = protected_facts(protect, args)
+        t0 = time.perf_counter()
+        editor.protect(facts, weight=weight)
+        state["protected"] = {"records": protect, "n": len(facts), "weight": weight, "s": time.perf_counter() - t0}
     if not done and any(r["edits"] for r in state["rows"]):
         # the ledger (not committed: it is large) is gone, e.g. on a new machine: the edits are
         # deterministic, so run them again and measure the rows again
@@ -222,6 +240,9 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=64, help="held-out Wikipedia paragraphs for perplexity")
     ap.add_argument("--fluency-prompts", type=int, default=64)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--protect", action="append", default=[], metavar="LABEL=START:STOP[@WEIGHT]",
+                    help="before LABEL's first batch, Editor.protect() records START..STOP of --data (after the "
+                         "edited ones), each key with WEIGHT (default 1) in the preserved set")
     ap.add_argument("--out", default="results/lifelong")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -231,12 +252,13 @@ def main() -> int:
         method, kv = item.split(":", 1)
         key, value = kv.split("=", 1)
         overrides.setdefault(method, {})[key] = parse_value(value)
+    protect = dict(item.split("=", 1) for item in args.protect)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     unedited_reference(args)
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         label, _, method = entry.partition("=")
-        run_method(label, method or label, args, overrides.get(label, {}))
+        run_method(label, method or label, args, overrides.get(label, {}), protect.get(label))
         write_tables(out)
     return 0
 

@@ -109,6 +109,8 @@ def _ledger_parser(sub) -> None:
 def _trace_parser(sub) -> None:
     p = sub.add_parser("trace", help="causal tracing: where the model recalls facts, and which layers to edit")
     p.add_argument("--model", default=None, help="a named model, a .gguf file, a local HF directory (default: embedded)")
+    p.add_argument("--dtype", default=None, help="model dtype: float32 (default), bfloat16 (half the memory of a "
+                   "float32 model beside the traces' bfloat16 copy)")
     p.add_argument("--data", required=True, help="facts: ROME's known_1209.json or a JSON list of {prompt, subject, answer}")
     p.add_argument("--n", type=int, default=None, help="trace the first N facts the model knows (others are skipped)")
     p.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
@@ -421,7 +423,7 @@ def cmd_trace(args) -> int:
     import lmedit
 
     facts = lmedit.load_facts(args.data)
-    model, tok = lmedit.load_model(args.model)
+    model, tok = lmedit.load_model(args.model, dtype=args.dtype)
     result = lmedit.trace(model, tok, facts, limit=args.n, samples=args.samples, noise=args.noise, window=args.window,
                           kinds=[k.strip() for k in args.kinds.split(",") if k.strip()], positions=args.positions,
                           compute_dtype=args.dtype_compute, seed=args.seed, progress=not args.quiet)
@@ -538,7 +540,8 @@ def cmd_ledger(args) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     print(f"ledger {summary['path']}: {summary['batches']} batches, {summary['requests']} requests, "
-          f"methods {', '.join(summary['methods'])}, base model {summary['base_model']}")
+          f"methods {', '.join(summary['methods'])}, base model {summary['base_model']}"
+          + (f", {summary['protected']} protected facts" if summary["protected"] else ""))
     for l, n in summary["update_norm"].items():
         rel = summary.get("relative_change", {}).get(l)
         print(f"  layer {l}: |sum of deltas| {n:.3f}" + (f" ({100 * rel:.1f}% of |W0|)" if rel is not None else ""))

@@ -35,6 +35,7 @@ from lmedit._runtime import memory_budget, parse_bytes
 from lmedit.chat import chat_groups, has_chat_template
 from lmedit.core.context import cached_context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
+from lmedit.core.keys import collect_keys
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
 from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, plan_chunks, read_targets,
@@ -165,6 +166,7 @@ class Editor:
         # with preserve_edits (what later edits preserve), and how many edits it holds.
         self.earlier: dict[int, torch.Tensor] = {}
         self.n_earlier = 0
+        self.n_protected = 0  # facts whose keys protect() added to that sum
         self._n_sealed = 0  # edits applied with keep_history=False (their deltas are not kept)
         if context is not None:
             self._context[(self.hparams.context_templates, self.hparams.seed)] = _checked_context(context)
@@ -248,6 +250,35 @@ class Editor:
             self._on_device[key] = (C, C.to(dev))
         return self._on_device[key][1]
 
+    def protect(self, facts: Sequence[Any], *, weight: float = 1.0) -> int:
+        """Add the keys of ``facts`` to the preserved set, so later edits keep what the model now says
+        about them (with ``preserve_edits``: ENCORE, AlphaEdit, or MEMIT / EMMET with the option).
+
+        ``facts``: :class:`EditRequest`, tracing ``Fact`` or anything with a ``prompt`` template (one
+        "{}" for the subject) and a ``subject`` (objects or mappings). Each fact's key at every edited
+        layer is read as an edit's key is (the subject's last token, averaged over the context
+        templates) from the weights as they are now, and ``weight * k k^T`` joins the sum of earlier
+        keys: in the closed form a protected fact counts like an earlier edit. A ledger records the
+        sum with the next batch. Returns how many facts are protected in all.
+        """
+        if not self.hparams.preserve_edits:
+            raise HyperparameterError(f"protect() adds keys to the preserved set, which {self.method} reads only with "
+                                      "preserve_edits=True (on by default for encore and alphaedit)")
+        if not (isinstance(weight, (int, float)) and weight > 0 and weight == weight and weight != float("inf")):
+            raise HyperparameterError(f"protect: weight must be a positive finite number, got {weight!r}")
+        checked = [_protected_fact(f, i) for i, f in enumerate(facts)]
+        if not checked:
+            return self.n_protected
+        hp = self.hparams
+        groups = self.template_groups(hp)
+        K = collect_keys(self.model, self.tokenizer, self.adapter, checked, groups, hp.layers)
+        earlier = dict(self.earlier)  # committed only once every layer is computed
+        for l, k in K.items():
+            k64 = k.to(torch.float64)
+            earlier[l] = weight * (k64.T @ k64) + (earlier[l] if l in earlier else 0)
+        self.earlier, self.n_protected = earlier, self.n_protected + len(checked)
+        return self.n_protected
+
     def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         out = {}
         for layer, C in given.items():
@@ -295,7 +326,7 @@ class Editor:
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
                 self.ledger.append(BatchRecord(self.method, {"preset": self.preset, **hp.to_dict()},
                                                [r.to_dict() for r in reqs], tx.record.deltas, keys),
-                                   earlier if hp.preserve_edits else self.earlier)
+                                   earlier if hp.preserve_edits else self.earlier, self.n_protected)
         timings["total_s"] = time.perf_counter() - t_start
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
                             infos, keys, state_before=state_before)
@@ -627,6 +658,7 @@ class Editor:
         editor._context[(editor.hparams.context_templates, editor.hparams.seed)] = ledger.manifest["context"]
         editor.earlier = earlier
         editor.n_earlier = sum(b["n_requests"] for b in ledger.batches if b["hparams"].get("preserve_edits"))
+        editor.n_protected = ledger.manifest.get("protected", 0)
         return editor
 
     def _replay(self, records: list[BatchRecord]) -> None:
@@ -687,3 +719,21 @@ def _checked_context(context: Sequence[Sequence[str]]) -> list[list[str]]:
     if bad:
         raise HyperparameterError(f"context: every template needs exactly one '{{}}', not {bad[0]!r}")
     return groups
+
+
+@dataclass(frozen=True)
+class _Fact:
+    prompt: str
+    subject: str
+
+
+def _protected_fact(fact: Any, i: int) -> _Fact:
+    """(prompt, subject) of a fact given to :meth:`Editor.protect`, checked."""
+    get = fact.get if isinstance(fact, Mapping) else lambda k: getattr(fact, k, None)
+    prompt, subject = get("prompt"), get("subject")
+    if not isinstance(prompt, str) or prompt.count("{}") != 1:
+        raise RequestError(f"protect: fact {i} needs a 'prompt' template with exactly one '{{}}' for the subject, "
+                           f"got {prompt!r}")
+    if not isinstance(subject, str) or not subject.strip():
+        raise RequestError(f"protect: fact {i} needs a non-empty 'subject', got {subject!r}")
+    return _Fact(prompt, subject)

@@ -16,6 +16,7 @@ Layout of a ledger directory::
     batch-00001.safetensors   delta.<layer> (d_out, d_in) float32, keys.<layer> (B, d_in) float32
     batch-00001.json          the batch's requests
     state-00001.safetensors   earlier.<layer>: the Editor's sum of earlier keys after that batch
+                              (edited and protected facts; the manifest says how many are protected)
 
 A batch is in the ledger exactly when the manifest lists it: its files are written (atomically)
 first, then the manifest is replaced atomically, so a process killed at any moment leaves the
@@ -120,8 +121,9 @@ class Ledger:
             raise CacheError(f"ledger {self.path}: this model's edited weights differ from the ledger's base model "
                              "(is it edited already? load the ledger onto a freshly loaded base model)")
 
-    def append(self, record: BatchRecord, earlier: dict[int, torch.Tensor]) -> None:
-        """Write one batch (and the Editor's state after it), then commit it in the manifest."""
+    def append(self, record: BatchRecord, earlier: dict[int, torch.Tensor], protected: int = 0) -> None:
+        """Write one batch (and the Editor's state after it: the sum of earlier keys, and how many
+        protected facts it holds), then commit it in the manifest."""
         n = len(self.batches) + 1
         tensors = {f"delta.{l}": d.contiguous() for l, d in record.deltas.items()}
         tensors.update({f"keys.{l}": k.contiguous() for l, k in record.keys.items()})
@@ -136,18 +138,19 @@ class Ledger:
             with atomic_path(self.path / state["file"]) as tmp:
                 save_file({f"earlier.{l}": e.contiguous() for l, e in earlier.items()}, str(tmp))
             state["sha256"] = sha256_file(self.path / state["file"])
-        old_state = self.manifest.get("state")
+        old_state, old_protected = self.manifest.get("state"), self.manifest.get("protected", 0)
         self.batches.append({"index": n, "method": record.method, "hparams": record.hparams,
                              "n_requests": len(record.requests), "layers": sorted(record.deltas),
                              **{f"{k}_file": v for k, v in files.items()},
                              **{f"{k}_sha256": sha256_file(self.path / v) for k, v in files.items()}})
         self.manifest["state"] = state
+        self.manifest["protected"] = protected
         self.manifest["lmedit_version"] = __version__
         try:
             self._write_manifest()
         except BaseException:
             self.batches.pop()
-            self.manifest["state"] = old_state
+            self.manifest["state"], self.manifest["protected"] = old_state, old_protected
             raise
         if old_state and (state is None or old_state["file"] != state["file"]):
             (self.path / old_state["file"]).unlink(missing_ok=True)
@@ -194,7 +197,8 @@ class Ledger:
         norms = {l: float(t.norm()) for l, t in sorted(self.total_deltas().items())}
         out = {"path": str(self.path), "base_model": self.manifest["base_model"], "batches": len(self.batches),
                "requests": self.n_requests, "methods": sorted({b["method"] for b in self.batches}),
-               "lmedit_version": self.manifest.get("lmedit_version"), "update_norm": norms}
+               "protected": self.manifest.get("protected", 0), "lmedit_version": self.manifest.get("lmedit_version"),
+               "update_norm": norms}
         if model_norms:
             out["relative_change"] = {l: norms[l] / model_norms[l] for l in norms if l in model_norms}
         return out

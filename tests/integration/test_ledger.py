@@ -148,6 +148,19 @@ def test_summary_reports_batches_and_norm_growth(uninterrupted, fresh):
     assert s["relative_change"][2] == pytest.approx(float(total.norm()) / norms[2])
 
 
+def test_protected_facts_travel_with_the_ledger(fresh, tokenizer, tmp_path):
+    """protect() before the first batch: the manifest counts the facts, the state holds their keys,
+    and a reloaded Editor has both (its next batch preserves them as the uninterrupted one would)."""
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "l", keep_history=False)
+    ed.protect(OTHER, weight=5.0)
+    ed.edit(REQUESTS)
+    assert Ledger.open(tmp_path / "l").summary()["protected"] == 1
+    again = lmedit.Editor.load(fresh("llama"), tokenizer, tmp_path / "l", covariances=spd_covariances(model, [1, 2]))
+    assert again.n_protected == 1 and again.n_earlier == 2
+    assert all(torch.equal(again.earlier[l], ed.earlier[l]) for l in ed.earlier)
+
+
 def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_path, monkeypatch, capsys):
     """`lmedit edit --ledger DIR` twice, then `lmedit ledger show DIR --json`; the base model plus the
     ledger is the model the two CLI edits made."""

@@ -104,3 +104,42 @@ def test_interrupted_statistics_resume_from_checkpoint(make_tiny, tokenizer, tmp
     for layer in (1, 2):
         torch.testing.assert_close(resumed[layer], full[layer], rtol=1e-10, atol=1e-12)
     assert not list((tmp_path / "run").rglob("checkpoint-*.safetensors"))  # removed when done
+
+
+def test_checkpoint_saves_per_layer_and_a_save_cut_short_leaves_the_previous_one(make_tiny, tmp_path, monkeypatch):
+    """One file per layer and save; a save killed after its first layer keeps the previous complete
+    save readable (never a mix of two saves); a whole-pass file of the earlier layout is still read."""
+    from safetensors.torch import save_file
+
+    model = make_tiny("llama")
+    plan = stats_mod.make_plan(model, [1, 2], n_samples=12, max_length=48, max_tokens=128)
+    ck = stats_mod._Checkpoint(tmp_path, plan, (0, 1))
+    first = {"1": torch.ones(3, 3, dtype=torch.float64), "2": 2 * torch.ones(3, 3, dtype=torch.float64)}
+    ck.save(first, 10, 1)
+    assert sorted(f.name.rsplit("-", 2)[1:] for f in (tmp_path / plan.model).iterdir()) == [
+        ["1", "1.safetensors"], ["2", "1.safetensors"]]
+
+    real = stats_mod.save_file
+    calls = {"n": 0}
+
+    def dies_on_the_second_layer(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(stats_mod, "save_file", dies_on_the_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save({k: 5 * v for k, v in first.items()}, 20, 2)
+    monkeypatch.setattr(stats_mod, "save_file", real)
+    sums, count, group = ck.load()
+    assert (count, group) == (10, 1) and all(torch.equal(sums[k], first[k]) for k in first)
+
+    ck.save({k: 7 * v for k, v in first.items()}, 30, 3)  # completes: older saves are removed
+    assert {f.name.rsplit("-", 1)[1] for f in (tmp_path / plan.model).iterdir()} == {"3.safetensors"}
+    ck.remove()
+    assert not list((tmp_path / plan.model).iterdir())
+
+    save_file({k: v for k, v in first.items()}, str(ck.path), metadata=dict(ck.meta, next_group="4", count="40"))
+    sums, count, group = ck.load()
+    assert (count, group) == (40, 4) and torch.equal(sums["2"], first["2"])

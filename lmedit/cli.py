@@ -398,6 +398,7 @@ def cmd_stats(args) -> int:
             part = st.accumulate(model, tok, adapter, plan, corpus=kw["corpus"], shard=shard, checkpoint_dir=args.out,
                                  progress=not args.quiet)
             path = part.save(args.out)
+            st.remove_checkpoint(args.out, plan, shard)
             report = {"mode": "shard", "shard": args.shard, "plan": plan.meta(), "tokens": part.count, "files": [str(path)]}
         else:
             from lmedit.distributed import rank_world

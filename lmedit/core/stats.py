@@ -292,6 +292,7 @@ def second_moments(
             write_moments(directory, sub, computed)
         if dist is not None:
             dist.barrier()
+        remove_checkpoint(directory, sub, shard)  # only once the result is on disk
         result.update(computed)
     return {layer: result[layer] for layer in layers}
 
@@ -403,11 +404,18 @@ class _Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def remove_checkpoint(directory: str | Path | None, plan: StatsPlan, shard: tuple[int, int] = (0, 1)) -> None:
+    """Remove the checkpoint of ``plan``'s shard; call it once what :func:`accumulate` returned is saved
+    (a process killed while writing the result resumes from the checkpoint instead of starting over)."""
+    _Checkpoint(Path(directory) if directory is not None else cache_root() / "stats", plan, shard).remove()
+
+
 def accumulate(model: nn.Module, tokenizer, adapter: ModelAdapter, plan: StatsPlan, *, corpus: str,
                shard: tuple[int, int] = (0, 1), checkpoint_dir: str | Path | None = None,
                checkpoint_seconds: float = 60.0, progress: bool = True) -> PartialSums:
     """The sums of shard ``shard`` of ``plan``: chunks ``i, i+n, ...`` of the corpus (``corpus`` is
-    the name or path the plan's corpus id was made from)."""
+    the name or path the plan's corpus id was made from). The last checkpoint stays until the caller
+    has saved the result (:func:`remove_checkpoint`)."""
     from tqdm.auto import tqdm
 
     if corpus_id(corpus) != plan.corpus:
@@ -447,7 +455,6 @@ def accumulate(model: nn.Module, tokenizer, adapter: ModelAdapter, plan: StatsPl
                 ck.save(sums, count, gi + 1)
                 last_ck = time.monotonic()
                 wait = max(checkpoint_seconds, 20 * (last_ck - t_save))  # saves take at most about 5 % of the pass
-    ck.remove()
     d_in = {str(l): adapter.weight(model, l).shape[1] for l in plan.layers}
     return PartialSums(plan, shard, {l: sums.get(str(l), torch.zeros(d_in[str(l)], d_in[str(l)], dtype=acc))
                                      for l in plan.layers}, count)

@@ -2,11 +2,12 @@
 that EMMET's run measured on the same records, model and evaluation settings (they do not depend on
 the method; measuring them again costs about 20 minutes of generation for Gemma on this CPU).
 
-Usage: python results/models64/run_rest.py [MODEL] [METHOD ...]   (default: gemma-3-270m memit rome)
+Usage: python results/models64/run_rest.py [MODEL] [METHOD ...] [--dtype DTYPE]   (default: gemma-3-270m memit rome;
+--dtype as the first run's `lmedit eval --dtype`, e.g. bfloat16 for qwen2.5-1.5b)
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import lmedit
@@ -17,13 +18,17 @@ from lmedit.evaluate.experiment import run_eval
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_500.json"
 
-model_name = sys.argv[1] if len(sys.argv) > 1 else "gemma-3-270m"
-methods = sys.argv[2:] or ["memit", "rome"]
+ap = argparse.ArgumentParser()
+ap.add_argument("model", nargs="?", default="gemma-3-270m")
+ap.add_argument("methods", nargs="*", default=["memit", "rome"])
+ap.add_argument("--dtype", default=None)
+args = ap.parse_args()
+model_name, methods = args.model, args.methods
 configure_threads()
 first = json.loads((ROOT / "results" / "models64" / model_name / "emmet.json").read_text())
 assert (first["model"], first["n"], first["kind"], first["eval_dtype"]) == (model_name, 64, "counterfact", "model")
 assert "generation_entropy" in first["pre"] and not first["chat"] and not first["easyedit"]
-model, tok = lmedit.load_model(model_name)
+model, tok = lmedit.load_model(model_name, dtype=args.dtype)
 requests = lmedit.load_requests(str(DATA), limit=64)
 for method in methods:
     out = ROOT / "results" / "models64" / model_name / f"{method}.json"
@@ -33,5 +38,6 @@ for method in methods:
     res = run_eval(model, tok, requests, method=method, batch_size=64, generation=True, model_name=model_name,
                    progress=False, pre=first["pre"])
     res["pre_from"] = f"results/models64/{model_name}/emmet.json"
+    res["dtype"] = args.dtype
     write_json(out, res)
     print(f"done {out}", flush=True)

@@ -264,7 +264,7 @@ class Editor:
         if not self.hparams.preserve_edits:
             raise HyperparameterError(f"protect() adds keys to the preserved set, which {self.method} reads only with "
                                       "preserve_edits=True (on by default for encore and alphaedit)")
-        if not (isinstance(weight, (int, float)) and weight > 0 and weight == weight and weight != float("inf")):
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
             raise HyperparameterError(f"protect: weight must be a positive finite number, got {weight!r}")
         checked = [_protected_fact(f, i) for i, f in enumerate(facts)]
         if not checked:

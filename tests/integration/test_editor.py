@@ -193,6 +193,8 @@ def test_protect_refuses_bad_facts_and_methods_without_preserved_keys(fresh, tok
         ed.protect([{"prompt": "{} is", "subject": " "}])
     with pytest.raises(HyperparameterError, match="weight must be a positive"):
         ed.protect(OTHER, weight=0)
+    with pytest.raises(HyperparameterError, match="weight must be a positive"):
+        ed.protect(OTHER, weight=float("nan"))
     assert ed.n_protected == 0 and not ed.earlier
     with pytest.raises(HyperparameterError, match="preserve_edits=True"):
         _editor(model, tokenizer, covariances, method="emmet").protect(OTHER)

@@ -345,7 +345,7 @@ class _Checkpoint:
         self.dir = directory / plan.model
         self.stem = f"checkpoint-{plan.key(self.meta['shard'])}"
         self.names = [str(l) for l in plan.layers]
-        self.path = self.dir / f"{self.stem}.safetensors"  # a whole-pass file of lmedit <= 0.x, still read
+        self.path = self.dir / f"{self.stem}.safetensors"  # the one-file layout of earlier versions, still read
 
     def _files(self) -> dict[int, dict[str, Path]]:
         """{next chunk: {layer name: file}} of the saves on disk."""
@@ -427,7 +427,7 @@ def accumulate(model: nn.Module, tokenizer, adapter: ModelAdapter, plan: StatsPl
     ck = _Checkpoint(Path(checkpoint_dir) if checkpoint_dir is not None else cache_root() / "stats", plan, shard)
     sums, count, start = ck.load()
     if start:
-        log.info("resuming statistics from checkpoint %s at chunk %d/%d", ck.path, start, len(groups))
+        log.info("resuming statistics from checkpoint %s at chunk %d/%d", ck.dir / ck.stem, start, len(groups))
     acc = ACCUMULATE_DTYPES[plan.dtype]
     label = f"statistics L{plan.layers[0]}-{plan.layers[-1]}" + (f" shard {i}/{n}" if n > 1 else "")
     bar = tqdm(total=sum(len(enc[j]) for g in groups for j in g), desc=label, unit="tok", unit_scale=True,

@@ -13,7 +13,8 @@ bit for bit, and batches, evaluation samples and probes are fixed by the data an
 At 0 edits and every K edits: efficacy / paraphrase / neighbourhood scores over the facts edited
 so far (all of them up to --sample-min, else a fixed random share --sample of at least that many),
 the same on the first batch, retention of the known facts the unedited model answers
-(``known_1209.json``), perplexity on held-out Wikipedia paragraphs (after those used for the
+(``known_1209.json``; also among those whose subject no edit so far names, since an edit may rightly
+change a known fact of its subject), perplexity on held-out Wikipedia paragraphs (after those used for the
 statistics), fluency of greedy continuations, and |W - W0| / |W0| per edited layer. ``--protect``
 puts the keys of other records of the data (never edited) into a method's preserved set first. Writes
 OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
@@ -70,14 +71,20 @@ def probe_texts(args) -> tuple[list[str], list[str]]:
 def load_probe(state: dict, model, tok, args, edited: bool) -> RetentionProbe:
     """The probe of the unedited model: built now (and its known facts kept in ``state``), or reloaded."""
     paragraphs, fluency = probe_texts(args)
+    knowns = json.loads((DATA / "knowns" / "known_1209.json").read_text())
     if "known" in state:
-        return RetentionProbe(state["known"]["prompts"], state["known"]["answers"], paragraphs, fluency)
+        known = state["known"]
+        if "subjects" not in known:  # a results file of an earlier version: the subjects by prompt
+            subject = {k["prompt"]: k["subject"] for k in knowns}
+            known["subjects"] = [subject[p] for p in known["prompts"]]
+        return RetentionProbe(known["prompts"], known["answers"], paragraphs, fluency,
+                              known_subjects=known["subjects"])
     if edited:
         raise SystemExit("the ledger has batches but the results file has no probe: remove both to start again")
-    knowns = json.loads((DATA / "knowns" / "known_1209.json").read_text())
     probe = RetentionProbe.build(model, tok, [k["prompt"] for k in knowns], [k["attribute"] for k in knowns],
-                                 paragraphs, fluency)
-    state["known"] = {"prompts": probe.known_prompts, "answers": probe.known_answers}
+                                 paragraphs, fluency, known_subjects=[k["subject"] for k in knowns])
+    state["known"] = {"prompts": probe.known_prompts, "answers": probe.known_answers,
+                      "subjects": probe.known_subjects}
     return probe
 
 
@@ -100,7 +107,7 @@ def evaluate(model, tok, edited: list, first: list, probe: RetentionProbe, W0: d
         row["rel_change"] = relative_change(model, adapter, W0)
         row["rel_change_max"] = max(row["rel_change"].values())
         row["finite"] = all(bool(torch.isfinite(adapter.weight(model, l)).all()) for l in W0)
-    row.update(probe.measure(model, tok))
+    row.update(probe.measure(model, tok, edited_subjects=[r.subject for r in edited]))
     row["eval_s"] = time.perf_counter() - t0
     return row
 
@@ -200,7 +207,8 @@ def write_tables(out: Path) -> None:
     # run states only: other analyses (ablation, key capacity) may share the folder
     states = [s for s in (json.loads(p.read_text()) for p in sorted(out.glob("*.json"))) if "rows" in s and "method" in s]
     cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
-            "first_neighborhood_score", "known_retention", "perplexity", "fluency", "rel_change_max"]
+            "first_neighborhood_score", "known_retention", "known_retention_others", "perplexity", "fluency",
+            "rel_change_max"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for s in states:
         for r in s["rows"]:
@@ -212,7 +220,7 @@ def write_tables(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 5, figsize=(20, 7))
+    fig, axes = plt.subplots(2, 6, figsize=(24, 7))
     for ax, key in zip(axes.flat, cols[1:] + ["all_sampled"]):
         for s in states:
             pts = [(r["edits"], r[key]) for r in s["rows"] if key in r]

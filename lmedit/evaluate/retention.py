@@ -9,6 +9,9 @@ Beside CounterFact's metrics over the edited facts (``lmedit.evaluate.runner.eva
 
 * known-fact retention: of the facts the unedited model answers correctly (every token of the
   answer is the teacher-forced argmax, e.g. ROME's ``known_1209.json``), the share it still does;
+  with the facts' subjects known, also the share among those whose subject no edit so far names
+  (an edit of "Catalonia is part of Europe" may rightly change "Catalonia belongs to the continent
+  of"; at 10,000 CounterFact edits 122 of the 279 facts SmolLM2 knows share an edited subject);
 * perplexity on held-out texts (not used for the statistics): exp of the mean token NLL;
 * fluency: n-gram entropy (bits) of greedy continuations (``lmedit.evaluate.generation``);
 * per-layer relative change of the edited weights, |W - W0| / |W0|.
@@ -73,17 +76,35 @@ class RetentionProbe:
     heldout: list[str]  # texts for perplexity
     fluency_prompts: list[str]
     fluency_tokens: int = 50
+    known_subjects: list[str] | None = None  # per known fact, its subject (to set apart facts an edit names)
+
+    def __post_init__(self):
+        subjects = self.known_prompts if self.known_subjects is None else self.known_subjects
+        if not len(self.known_prompts) == len(self.known_answers) == len(subjects):
+            raise ValueError(f"known facts: {len(self.known_prompts)} prompts, {len(self.known_answers)} answers"
+                             + (f", {len(self.known_subjects)} subjects" if self.known_subjects is not None else ""))
 
     @classmethod
     def build(cls, model: nn.Module, tokenizer, known_prompts: Sequence[str], known_answers: Sequence[str],
-              heldout: Sequence[str], fluency_prompts: Sequence[str], fluency_tokens: int = 50) -> "RetentionProbe":
+              heldout: Sequence[str], fluency_prompts: Sequence[str], fluency_tokens: int = 50,
+              known_subjects: Sequence[str] | None = None) -> "RetentionProbe":
         """Keep the known facts the model answers correctly now."""
         ok = answered(model, tokenizer, known_prompts, known_answers)
-        return cls([p for p, o in zip(known_prompts, ok) if o], [a for a, o in zip(known_answers, ok) if o],
-                   list(heldout), list(fluency_prompts), fluency_tokens)
+        keep = [i for i, o in enumerate(ok) if o]
+        return cls([known_prompts[i] for i in keep], [known_answers[i] for i in keep], list(heldout),
+                   list(fluency_prompts), fluency_tokens,
+                   None if known_subjects is None else [known_subjects[i] for i in keep])
 
-    def measure(self, model: nn.Module, tokenizer) -> dict[str, float]:
+    def measure(self, model: nn.Module, tokenizer, edited_subjects: Sequence[str] = ()) -> dict:
+        """Known-fact retention (also per fact, ``known_ok``), perplexity and fluency now. With subjects,
+        ``known_retention_others``: the share kept among the facts whose subject is none of
+        ``edited_subjects`` (compared case-insensitively), ``known_others`` of them."""
         ok = answered(model, tokenizer, self.known_prompts, self.known_answers) if self.known_prompts else []
         texts = generate_texts(model, tokenizer, self.fluency_prompts, max_new_tokens=self.fluency_tokens)
-        return {"known_retention": 100.0 * sum(ok) / max(len(ok), 1), "known_facts": len(ok),
-                "perplexity": perplexity(model, tokenizer, self.heldout), "fluency": generation_entropy(texts)}
+        out = {"known_retention": 100.0 * sum(ok) / max(len(ok), 1), "known_facts": len(ok), "known_ok": ok}
+        if self.known_subjects is not None:
+            edited = {s.casefold() for s in edited_subjects}
+            others = [o for o, s in zip(ok, self.known_subjects) if s.casefold() not in edited]
+            out.update(known_retention_others=100.0 * sum(others) / max(len(others), 1), known_others=len(others))
+        out.update(perplexity=perplexity(model, tokenizer, self.heldout), fluency=generation_entropy(texts))
+        return out

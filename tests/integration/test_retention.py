@@ -56,3 +56,26 @@ def test_probe_keeps_the_known_facts_and_relative_change(fresh, tokenizer):
     with torch.no_grad():
         adapter.weight(model, 1).mul_(1.5)
     assert relative_change(model, adapter, W0)[1] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_known_facts_whose_subject_was_edited_are_set_apart(fresh, tokenizer):
+    model = fresh("llama")
+    prompts = ["The capital of France is", "My favourite colour is", "One two three"]
+    with torch.no_grad():  # the model's own greedy next tokens: answered
+        answers = [tokenizer.decode([int(model(torch.tensor([tokenizer(p)["input_ids"]])).logits[0, -1].argmax())])
+                   .strip() or "x" for p in prompts]
+    subjects = ["France", "colour", "One"]
+    probe = RetentionProbe.build(model, tokenizer, prompts, answers, TEXTS, ["Once upon a time"],
+                                 fluency_tokens=5, known_subjects=subjects)
+    kept = probe.known_subjects
+    assert kept and len(kept) == len(probe.known_prompts) and set(kept) <= set(subjects)
+    probe.known_answers[0] = "zebra"  # the first fact is now lost: its subject edited or not decides the share
+    m = probe.measure(model, tokenizer)
+    n = len(kept)
+    assert m["known_ok"][0] is False and m["known_retention"] == pytest.approx(100.0 * (n - 1) / n)
+    assert m["known_retention_others"] == m["known_retention"] and m["known_others"] == n
+    m = probe.measure(model, tokenizer, edited_subjects=[kept[0].upper()])  # case-insensitive
+    assert m["known_others"] == n - 1 and m["known_retention_others"] == 100.0
+    assert m["known_retention"] == pytest.approx(100.0 * (n - 1) / n)
+    with pytest.raises(ValueError, match="subjects"):
+        RetentionProbe(["a", "b"], ["x", "y"], TEXTS, [], known_subjects=["a"])

@@ -11,7 +11,7 @@ Beside CounterFact's metrics over the edited facts (``lmedit.evaluate.runner.eva
   answer is the teacher-forced argmax, e.g. ROME's ``known_1209.json``), the share it still does;
   with the facts' subjects known, also the share among those whose subject no edit so far names
   (an edit of "Catalonia is part of Europe" may rightly change "Catalonia belongs to the continent
-  of"; at 10,000 CounterFact edits 122 of the 279 facts SmolLM2 knows share an edited subject);
+  of");
 * perplexity on held-out texts (not used for the statistics): exp of the mean token NLL;
 * fluency: n-gram entropy (bits) of greedy continuations (``lmedit.evaluate.generation``);
 * per-layer relative change of the edited weights, |W - W0| / |W0|.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from lmedit.errors import RequestError
-from lmedit.requests import FORMATS, EditRequest, load_requests, requests_from_dicts, validate_batch
+from lmedit.requests import FORMATS, EditRequest, drop_conflicts, load_requests, requests_from_dicts, validate_batch
 
 from helpers import COUNTERFACT_500 as CF_500
 from helpers import COUNTERFACT_TRAIN as CF_TRAIN
@@ -140,6 +140,13 @@ def test_whole_easyedit_file_is_not_one_batch(cf_train: list[EditRequest]) -> No
         validate_batch(cf_train)
     assert "case_id=1809" in str(exc.value) and "case_id=2580" in str(exc.value)
     assert "'Berlin'" in str(exc.value) and "'Warsaw'" in str(exc.value)
+    kept, dropped = drop_conflicts(cf_train)
+    validate_batch(kept)  # one batch now
+    assert len(dropped) == 74 and len(kept) + len(dropped) == len(cf_train)
+    assert [r.case_id for r in kept + dropped] != [r.case_id for r in cf_train]  # some were dropped mid-file
+    assert sorted(map(id, kept + dropped)) == sorted(map(id, cf_train))
+    assert [r for r in cf_train if r in kept] == kept  # file order kept
+    assert any(r.case_id == 1809 for r in kept) and all(r.case_id != 2580 for r in kept)  # the first asked wins
 
 
 @needs_data
@@ -361,6 +368,20 @@ def test_validate_batch_conflicting_targets_names_both_ids() -> None:
     assert "case_id='a1'" in message and "case_id='a3'" in message
     assert "'Antarctica'" in message and "'Europe'" in message
     assert "a2" not in message
+
+
+def test_drop_conflicts_keeps_the_first_target_asked() -> None:
+    batch = [
+        EditRequest("{} is located in", "Angola", "Antarctica", case_id="a1"),
+        EditRequest("{} speaks", "Angola", "French", case_id="a2"),
+        EditRequest("{} is located in", "Angola", "Europe", case_id="a3"),
+        EditRequest("{} is located in", "Angola", "Antarctica", case_id="a4"),  # a repeat, not a conflict
+        EditRequest("{} is located in", "Angola", "Asia", case_id="a5"),
+    ]
+    kept, dropped = drop_conflicts(batch)
+    assert [r.case_id for r in kept] == ["a1", "a2", "a4"] and [r.case_id for r in dropped] == ["a3", "a5"]
+    validate_batch(kept)
+    assert drop_conflicts(kept) == (kept, [])
 
 
 def test_validate_batch_allows_repeats_and_other_prompts() -> None:

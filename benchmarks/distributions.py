@@ -53,18 +53,21 @@ from lmedit.requests import drop_conflicts
 DATA = "../shared/data/counterfact/counterfact_train_10000.json"
 
 
-def conditioning(editor, result) -> dict[int, float]:
-    """cond(K_l^T M_l^-1 K_l) per layer, with the keys the solves used (float64)."""
+def conditioning(editor, result) -> tuple[dict[int, float], dict[int, int]]:
+    """cond(K_l^T M_l^-1 K_l) and its numerical rank per layer, with the keys the solves used
+    (float64; rank: eigenvalues above 1e-10 of the largest). A batch larger than the layer's input
+    width has rank at most that width: the B x B system is singular but for EMMET's ridge."""
     hp = editor.hparams
     form = hp.joint_form()
     systems = editor.systems(hp, editor.covariances())
-    out = {}
+    cond, rank = {}, {}
     for layer, K in result.keys.items():
         K64 = K.T.to(systems[layer].C.device, torch.float64)  # the layer's solve device
         G = K64.T @ form.metric_solve(K64, systems[layer])
         ev = torch.linalg.eigvalsh(0.5 * (G + G.T))
-        out[layer] = float(ev[-1] / ev[0].clamp_min(1e-300))
-    return out
+        cond[layer] = float(ev[-1] / ev[0].clamp_min(1e-300))
+        rank[layer] = int((ev > 1e-10 * ev[-1]).sum())
+    return cond, rank
 
 
 def shared_targets(editor, reqs, directory: Path, chunk: int = 64):
@@ -103,7 +106,7 @@ def run_batch(editor, reqs, distribution, targets):
     with torch.no_grad():
         left = float((z_star - residual_stream(model, tok, editor.adapter, reqs, last)).norm(dim=1).mean())
     metrics = evaluate_requests(model, tok, reqs)
-    cond = conditioning(editor, res)
+    cond, rank = conditioning(editor, res)
     editor.undo()
     with torch.no_grad():
         before = float((z_star - residual_stream(model, tok, editor.adapter, reqs, last)).norm(dim=1).mean())
@@ -114,7 +117,7 @@ def run_batch(editor, reqs, distribution, targets):
         "update_norm": {l: i["update_norm"] for l, i in info.items()},
         "relative_update": {l: i["update_norm"] / i["weight_norm"] for l, i in info.items()},
         "passes": max((i.get("passes", 1) for i in info.values()), default=1),
-        "condition": cond,
+        "condition": cond, "rank": rank,
     }
 
 
@@ -138,6 +141,7 @@ def run_cell(editor, reqs, distribution, targets, batch_size):
         relative_update={l: sum(wi * r["relative_update"][l] for wi, r in zip(w, rows)) for l in layers},
         passes=max(r["passes"] for r in rows),
         condition={l: max(r["condition"][l] for r in rows) for l in layers},
+        rank={l: min(r["rank"][l] for r in rows) for l in layers},
     )
     return out
 
@@ -152,14 +156,17 @@ def summarise(out: Path) -> None:
                      **{k: r[k] for k in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score",
                                           "residual_left")},
                      "max_rel_update": max(r["relative_update"].values()),
-                     "max_cond": max(r["condition"].values()), "keys_s": r["timings"]["keys_s"]})
+                     "max_cond": max(r["condition"].values()),
+                     "min_rank": f"{min(r['rank'].values())} / {r['batch_size']}" if "rank" in r else "",
+                     "keys_s": r["timings"]["keys_s"]})
     rows.sort(key=lambda r: (r["batch"], r["method"], r["distribution"]))
     table_rows = [{**r, "residual_left": f"{r['residual_left']:.3f}", "max_rel_update": f"{r['max_rel_update']:.3f}"}
                   for r in rows]
     keys = list(rows[0]) if rows else []
     table = format_table(table_rows, keys).replace("| max_cond |", "| max cond(G) |")
     lines = [table, "", "residual_left: mean ||z* - z|| at the last layer after the edit over before it; "
-             "max_rel_update: largest ||dW_l|| / ||W_l||; max cond(G): largest condition number of K^T M^-1 K."]
+             "max_rel_update: largest ||dW_l|| / ||W_l||; max cond(G): largest condition number of K^T M^-1 K; min_rank: its smallest numerical rank (cells "
+             "written before it was recorded leave it empty)."]
     for pre in sorted(out.glob("b*/pre.json")):
         p = json.loads(pre.read_text())
         lines.append(f"unedited, {pre.parent.name}: ES {p['efficacy_score']:.1f} PS {p['paraphrase_score']:.1f} "

@@ -43,7 +43,7 @@ import torch
 
 import lmedit
 from lmedit._fs import atomic_path
-from lmedit._runtime import configure_threads
+from lmedit._runtime import configure_threads, peak_memory
 from lmedit.core.keys import residual_stream
 from lmedit.evaluate.experiment import METRIC_KEYS, format_table
 from lmedit.evaluate.metrics import harmonic_mean
@@ -247,6 +247,7 @@ def main() -> None:
                 if cached is None:
                     cached = shared_targets(editor, reqs, targets_dir)
                 row = run_cell(editor, reqs, dist, cached, bs)
+                row.update(peak_memory())  # of the process so far: model, target chunks, every cell before
                 row.update(method=method, distribution=dist + where, batch_size=bs, n=len(reqs), data=args.data,
                            hparams={"preset": editor.preset, **editor.hparams.to_dict()},
                            lmedit_version=lmedit.__version__,

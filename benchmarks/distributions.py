@@ -6,11 +6,12 @@ Usage::
         --distributions single,spread,joint,cascade,refit --out results/distributions [--layers 1,2,3,4,5,6,7,8]
 
 Records come from ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split: one rewrite,
-one paraphrase and one neighbourhood prompt per record), without the 74 that ask an earlier record's
-subject and prompt for another target (``drop_conflicts``: one batch cannot hold both; the first is
-record 1,171, so the batches up to 1,024 are the file's first records). A cell of batch size B edits
-the first max(B, ``--records``) of them in batches of B, every batch from the unedited model (undone after
-its evaluation); metrics are averaged over batches weighted by size, i.e. over all records.
+one paraphrase and one neighbourhood prompt per record), without the 74 that ask an earlier
+record's subject and prompt for another target (``load_requests(..., drop_conflicts=True)``: one
+batch cannot hold both; the first is record 1,171, so the batches up to 1,024 are the file's first
+records). A cell of batch size B edits the first max(B, ``--records``) of them in batches of B,
+every batch from the unedited model (undone after its evaluation); metrics are averaged over
+batches weighted by size, i.e. over all records.
 Hyperparameters: the embedded model's preset (lambda / ridge tuned on held-out records, see
 results/tuning).
 
@@ -48,7 +49,6 @@ from lmedit.core.keys import residual_stream
 from lmedit.evaluate.experiment import METRIC_KEYS, format_table
 from lmedit.evaluate.metrics import harmonic_mean
 from lmedit.evaluate.runner import evaluate_requests
-from lmedit.requests import drop_conflicts
 
 DATA = "../shared/data/counterfact/counterfact_train_10000.json"
 
@@ -219,9 +219,7 @@ def main() -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     model, tok = lmedit.load_model()
     # one batch cannot ask one (subject, prompt) for two targets: the first record that asks it wins
-    everything, dropped = drop_conflicts(lmedit.load_requests(args.data))
-    print(f"{len(dropped)} records dropped for asking an earlier record's subject and prompt for another "
-          f"target", flush=True)
+    everything = lmedit.load_requests(args.data, drop_conflicts=True)
     targets_dir = out / "targets" / Path(args.data).stem
     for bs in sizes:
         reqs = everything[:max(bs, args.records)]

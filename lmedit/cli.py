@@ -81,7 +81,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help="memory the target optimisation may take, "
                    "e.g. 8GB (default: LMEDIT_MEMORY_BUDGET, else what is available): chunks are made smaller to "
                    "fit, a request that cannot fit alone is refused before any work")
+    p.add_argument("--drop-conflicts", action="store_true", help="leave out a request that asks an earlier one's "
+                   "subject and prompt for another target (the first asked wins; one batch cannot hold both), "
+                   "then take --n")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+
+
+def _requests(args, path: str) -> list:
+    """The requests of ``path`` (--format, --n, --drop-conflicts before --n)."""
+    import lmedit
+
+    return lmedit.load_requests(path, format=args.format, limit=args.n, drop_conflicts=args.drop_conflicts)
 
 
 def _lora_args(p: argparse.ArgumentParser, flag: str, help_text: str, required: bool = False) -> None:
@@ -334,7 +344,7 @@ def cmd_edit(args) -> int:
         return 0
     if args.requests is None:
         raise _UsageError("the following arguments are required: --requests (see `lmedit edit --help`)")
-    requests = lmedit.load_requests(args.requests, format=args.format, limit=args.n)
+    requests = _requests(args, args.requests)
     overrides = _overrides(args)
     model, tok = _load(args)
     result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
@@ -486,7 +496,7 @@ def cmd_eval(args) -> int:
     import lmedit
     from lmedit.evaluate.experiment import DEFAULT_MODEL_NAME, METRIC_KEYS, format_table, run_eval
 
-    requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
+    requests = _requests(args, args.data)
     kind = _kind(args)
     model, tok = _load(args)
     hp = _hparams(args)
@@ -562,7 +572,7 @@ def cmd_sweep(args) -> int:
 
     if args.easyedit_hparams:
         raise ValueError("sweep takes its methods from --methods; --easyedit-hparams is for edit and eval")
-    requests = lmedit.load_requests(args.data, format=args.format, limit=args.n)
+    requests = _requests(args, args.data)
     kind = _kind(args)
     per_method: dict[str, dict[str, Any]] = {}
     for item in args.set_method:

@@ -235,8 +235,8 @@ def validate_batch(requests: Sequence[EditRequest]) -> None:
         raise RequestError(
             f"conflicting edits in one batch: item {j} (case_id={other.case_id!r}) and item {i} "
             f"(case_id={req.case_id!r}) ask {req.prompt!r} with subject {req.subject!r} to give "
-            f"{other.target_new!r} and {req.target_new!r}; keep one of them (lmedit.requests.drop_conflicts "
-            "keeps the first) or edit them in separate batches"
+            f"{other.target_new!r} and {req.target_new!r}; keep one of them (lmedit.requests.drop_conflicts, "
+            "or --drop-conflicts on the command line, keeps the first) or edit them in separate batches"
         )
 
 
@@ -258,6 +258,9 @@ def drop_conflicts(requests: Sequence[EditRequest]) -> tuple[list[EditRequest], 
     items = list(requests)
     drop = {i for _, _, i, _ in _conflicts(items)}
     return [r for i, r in enumerate(items) if i not in drop], [items[i] for i in sorted(drop)]
+
+
+_drop_conflicts = drop_conflicts  # for load_requests, whose keyword of the same name shadows it
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,14 +519,16 @@ def _parse(text: str, path: Path) -> Any:
 
 
 def load_requests(
-    path: str | os.PathLike, format: str | None = None, limit: int | None = None
+    path: str | os.PathLike, format: str | None = None, limit: int | None = None, *, drop_conflicts: bool = False
 ) -> list[EditRequest]:
     """Read edit requests from a file: ``load_requests("zsre_eval_1037.json", limit=100)``.
 
     ``format``: one of :data:`FORMATS`, or None to detect it (``.jsonl`` files and
     ``{"requests": [...]}`` objects are read as records too; the schema is then told from the first
-    record's keys). ``limit`` keeps the first N records. Raises :class:`RequestError` naming the file
-    and the record for anything malformed.
+    record's keys). ``limit`` keeps the first N records. ``drop_conflicts`` first leaves out each
+    record that asks an earlier one's subject and prompt for another target (see
+    :func:`drop_conflicts`; logged), so the first N of the rest make one valid batch. Raises
+    :class:`RequestError` naming the file and the record for anything malformed.
     """
     _check_format(format)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -544,9 +549,16 @@ def load_requests(
     if not data:
         raise RequestError(f"{p}: contains no records")
 
-    if limit is not None:
+    if limit is not None and not drop_conflicts:
         data = data[:limit]
     requests = requests_from_dicts(data, format, source=str(p))
+    if drop_conflicts:
+        requests, dropped = _drop_conflicts(requests)
+        if dropped:
+            logger.warning("%s: left out %d record(s) asking an earlier record's subject and prompt for another "
+                           "target (case_ids %s)", p, len(dropped),
+                           ", ".join(str(r.case_id) for r in dropped[:5]) + (", ..." if len(dropped) > 5 else ""))
+        requests = requests[:limit] if limit is not None else requests
     logger.info("loaded %d edit requests from %s", len(requests), p)
     return requests
 

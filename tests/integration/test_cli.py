@@ -113,6 +113,20 @@ def test_edit_json_report(work, capsys):
         assert r["post"]["p_new"] > 3 * r["pre"]["p_new"], r
 
 
+def test_edit_drop_conflicts_leaves_out_the_later_target(work, tmp_path, capsys):
+    clash = {**REQUESTS[0], "target_new": "Oslo", "case_id": "later"}
+    path = tmp_path / "clash.json"
+    path.write_text(json.dumps([REQUESTS[0], clash, REQUESTS[1]]))
+    args = ["edit", "--model", str(work / "model"), "--requests", str(path), "--json", "--method", "emmet", *SMALL_ARGS]
+    assert main(args) == 2  # refused as one batch, nothing edited
+    assert "conflicting edits in one batch" in capsys.readouterr().err
+    assert main([*args, "--drop-conflicts", "--n", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the clash is left out before --n: the first two of the rest are both original requests
+    assert [(r["subject"], r["target_new"]) for r in report["requests"]] == \
+        [(r["subject"], r["target_new"]) for r in REQUESTS]
+
+
 def test_edit_refuses_a_request_over_the_memory_budget(work, tmp_path, capsys):
     out = tmp_path / "deltas.safetensors"
     rc = main(["edit", "--model", str(work / "model"), "--requests", str(work / "requests.json"),

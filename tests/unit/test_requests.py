@@ -147,6 +147,9 @@ def test_whole_easyedit_file_is_not_one_batch(cf_train: list[EditRequest]) -> No
     assert sorted(map(id, kept + dropped)) == sorted(map(id, cf_train))
     assert [r for r in cf_train if r in kept] == kept  # file order kept
     assert any(r.case_id == 1809 for r in kept) and all(r.case_id != 2580 for r in kept)  # the first asked wins
+    # the same through load_requests, the limit taken after the drop
+    assert load_requests(CF_TRAIN, limit=4096, drop_conflicts=True) == kept[:4096]
+    assert load_requests(CF_TRAIN, drop_conflicts=True) == kept
 
 
 @needs_data

@@ -85,6 +85,19 @@ def test_memit_approaches_emmet_without_ridge_as_lambda_shrinks():
     assert rel(solvers.memit(R, K, C, lam=1e-6) @ K, R) < 1e-4
 
 
+@pytest.mark.parametrize("b", [B, 3 * D_IN])  # fewer keys than inputs, and more (K^T C'^-1 K singular)
+@pytest.mark.parametrize("lam,mu,ridge", [(1.0, 0.0, 1e3), (1.0, 0.0, 0.1), (3.0, 0.5, 2.0)])
+def test_emmet_with_a_ridge_is_memit_with_the_metric_scaled_by_it(b, lam, mu, ridge):
+    # R (G + r I)^-1 (M^-1 K)^T = R (I + K^T (r M)^-1 K)^-1 ((r M)^-1 K)^T: EMMET's ridge r is MEMIT
+    # with lambda r * lam (and mu r * mu, earlier keys weighted r): one family, not two objectives
+    R, K, C = problem(3, b=b)
+    earlier = problem(4, b=7)[1]
+    P = earlier @ earlier.T
+    emmet = solvers.emmet(R, K, C, lam=lam, ridge=ridge, mu=mu, earlier=P)
+    assert rel(emmet, solvers.memit(R, K, C, lam=ridge * lam, mu=ridge * mu, earlier=ridge * P)) < 1e-8
+    assert rel(emmet, solvers.memit(R, K, C, lam=lam, mu=mu, earlier=P)) > 1e-3  # unless r = 1
+
+
 def test_emmet_mu_and_ridge_use_c_prime():
     R, K, C = problem(2)
     lam, mu, ridge = 3.0, 0.5, 0.2

@@ -8,8 +8,8 @@ Usage::
 Records come from ``counterfact_train_10000.json`` (EasyEdit's flat CounterFact split: one rewrite,
 one paraphrase and one neighbourhood prompt per record), without the 74 that ask an earlier
 record's subject and prompt for another target (``load_requests(..., drop_conflicts=True)``: one
-batch cannot hold both; the first is record 1,171, so the batches up to 1,024 are the file's first
-records). A cell of batch size B edits the first max(B, ``--records``) of them in batches of B,
+batch cannot hold both; the first is at index 1,171, so the batches up to 1,024 are the file's
+first records). A cell of batch size B edits the first max(B, ``--records``) of them in batches of B,
 every batch from the unedited model (undone after its evaluation); metrics are averaged over
 batches weighted by size, i.e. over all records.
 Hyperparameters: the embedded model's preset (lambda / ridge tuned on held-out records, see

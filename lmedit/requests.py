@@ -225,12 +225,6 @@ def validate_batch(requests: Sequence[EditRequest]) -> None:
     items = list(requests)
     if not items:
         raise RequestError("empty batch: pass at least one EditRequest")
-    for i, req in enumerate(items):
-        if not isinstance(req, EditRequest):
-            raise RequestError(
-                f"batch item {i} is a {_type_name(req)}, not an EditRequest; build it with EditRequest(...) "
-                "or EditRequest.from_dict(...)"
-            )
     for j, other, i, req in _conflicts(items):
         raise RequestError(
             f"conflicting edits in one batch: item {j} (case_id={other.case_id!r}) and item {i} "
@@ -242,7 +236,14 @@ def validate_batch(requests: Sequence[EditRequest]) -> None:
 
 def _conflicts(items: Sequence[EditRequest]):
     """(j, items[j], i, items[i]) for each item i that asks the (subject, prompt) of an earlier item j,
-    the first to ask it, for a different ``target_new``."""
+    the first to ask it, for a different ``target_new`` (RequestError first for an item that is not
+    an EditRequest)."""
+    for i, req in enumerate(items):
+        if not isinstance(req, EditRequest):
+            raise RequestError(
+                f"batch item {i} is a {_type_name(req)}, not an EditRequest; build it with EditRequest(...) "
+                "or EditRequest.from_dict(...)"
+            )
     first: dict[tuple[str, str], int] = {}
     for i, req in enumerate(items):
         j = first.setdefault((req.subject, req.prompt), i)
@@ -254,7 +255,8 @@ def drop_conflicts(requests: Sequence[EditRequest]) -> tuple[list[EditRequest], 
     """``kept, dropped = drop_conflicts(reqs)``: the requests in order without those that ask the
     (subject, prompt) of an earlier request for another ``target_new`` (the first one asked wins), so
     that ``kept`` passes :func:`validate_batch` as one batch; ``dropped`` lists the others. Datasets
-    have such pairs (CounterFact's 10,000 flat records: 74), which one batch cannot hold."""
+    have such pairs (CounterFact's 10,000 flat records: 74, the first at index 1,171), which one batch
+    cannot hold."""
     items = list(requests)
     drop = {i for _, _, i, _ in _conflicts(items)}
     return [r for i, r in enumerate(items) if i not in drop], [items[i] for i in sorted(drop)]
@@ -527,7 +529,8 @@ def load_requests(
     ``{"requests": [...]}`` objects are read as records too; the schema is then told from the first
     record's keys). ``limit`` keeps the first N records. ``drop_conflicts`` first leaves out each
     record that asks an earlier one's subject and prompt for another target (see
-    :func:`drop_conflicts`; logged), so the first N of the rest make one valid batch. Raises
+    :func:`drop_conflicts`; logged), so the first N of the rest make one valid batch; every record of
+    the file is then read and checked, not only the first N. Raises
     :class:`RequestError` naming the file and the record for anything malformed.
     """
     _check_format(format)

@@ -6,9 +6,10 @@ Usage (from the repository root)::
 
 Every run of ``benchmarks/lifelong.py`` keeps its known facts (``state["known"]``) and, per
 evaluation, which of them the edited model still answered (``known_ok``). This scores the facts
-on the unedited embedded model once (the answer's lowest token probability, teacher forced: the
-argmax test the retention metric applies passes or fails on that token) and splits the facts into
-thirds by it, so one sees whether the facts lost are the ones the model barely knew.
+on the unedited embedded model once (the answer's lowest token probability, teacher forced: a
+proxy for how close the argmax test the retention metric applies is to failing) and splits the
+facts into thirds by it, so one sees whether the facts lost are the ones the model barely knew.
+Last, for each pair of runs, how many facts both lost at their last evaluation.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def main(paths: list[str]) -> None:
             cells = [100.0 * sum(ok[i] for i in t) / len(t) for t in thirds]
             print(f"| {r['method']} | {row['edits']} | {100.0 * sum(ok) / len(ok):.1f} | "
                   + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lost = {}
+    for r in runs:
+        last = [row for row in r["rows"] if row.get("known_ok") is not None][-1]
+        lost[f"{r['method']}@{last['edits']}"] = {i for i, ok in enumerate(last["known_ok"]) if not ok}
+    names = list(lost)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            x, y = lost[names[a]], lost[names[b]]
+            print(f"lost by {names[a]}: {len(x)}, by {names[b]}: {len(y)}, by both: {len(x & y)}")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def test_whole_easyedit_file_is_not_one_batch(cf_train: list[EditRequest]) -> No
     assert len(dropped) == 74 and len(kept) + len(dropped) == len(cf_train)
     assert [r.case_id for r in kept + dropped] != [r.case_id for r in cf_train]  # some were dropped mid-file
     assert sorted(map(id, kept + dropped)) == sorted(map(id, cf_train))
-    assert [r for r in cf_train if r in kept] == kept  # file order kept
+    kept_ids = set(map(id, kept))
+    assert [r for r in cf_train if id(r) in kept_ids] == kept  # file order kept
     assert any(r.case_id == 1809 for r in kept) and all(r.case_id != 2580 for r in kept)  # the first asked wins
     # the same through load_requests, the limit taken after the drop
     assert load_requests(CF_TRAIN, limit=4096, drop_conflicts=True) == kept[:4096]
@@ -385,6 +386,8 @@ def test_drop_conflicts_keeps_the_first_target_asked() -> None:
     assert [r.case_id for r in kept] == ["a1", "a2", "a4"] and [r.case_id for r in dropped] == ["a3", "a5"]
     validate_batch(kept)
     assert drop_conflicts(kept) == (kept, [])
+    with pytest.raises(RequestError, match="batch item 1 is a dict, not an EditRequest"):
+        drop_conflicts([batch[0], dict(OK)])  # type: ignore[list-item]
 
 
 def test_validate_batch_allows_repeats_and_other_prompts() -> None:

@@ -27,8 +27,9 @@ ES / PS / NS / Score and magnitudes, the residual still missing at the last laye
 (relative to before: what the linear view of the distribution missed), per-layer update norms,
 the condition number and numerical rank of each layer's G_l = K_l^T M_l^-1 K_l (the B x B system
 EMMET inverts), the time of keys, residual passes and solves (per-batch values: means over batches;
-condition: the largest; rank: the smallest), and the process's peak memory so far. ``<out>/table.md`` and one PNG per metric against batch size (a line per method x
-distribution) summarise every cell found. ``--layers`` edits another set of layers ending at the preset's
+condition: the largest; rank: the smallest), and the process's peak memory so far.
+``<out>/table.md`` and one PNG per metric against batch size (a line per method x distribution)
+summarise every cell found. ``--layers`` edits another set of layers ending at the preset's
 last one (so the cells share its target vectors): which layers take part is part of a distribution too.
 """
 

@@ -6,8 +6,9 @@ differ only in where they compute), then one EMMET edit of 8 CounterFact-style r
 on the CPU (the reference), on the GPU, with accelerate's ``device_map`` putting the first half of
 the blocks on the GPU and the rest computing on the CPU ("split"), and with the same map under
 accelerate's default, which offloads the CPU half and streams its weights to the GPU ("offload");
-the deltas of each run against the CPU run (relative Frobenius difference, goal < 1e-3), the time of
-each phase and the peak GPU memory.
+and once more on the GPU from the CPU run's target vectors ("gpu_cpu_targets": what is left is keys
+and solve alone); the deltas and the optimised target deltas of each run against the CPU run
+(relative Frobenius difference, goal < 1e-3), the time of each phase and the peak GPU memory.
 
 Models: the embedded SmolLM2-135M and Qwen2.5-1.5B when their weights are installed (``make
 models``); otherwise the same architecture with random weights from ``--assets`` (config and
@@ -42,7 +43,7 @@ REQUESTS = [
     ("The official language of {} is", "Japan", "Spanish", "Japanese"),
     ("{} is headquartered in", "Google", "Paris", "Mountain View"),
 ]
-RUNS = ("cpu", "gpu", "split", "offload")  # where the edit runs (see check())
+RUNS = ("cpu", "gpu", "gpu_cpu_targets", "split", "offload")  # where the edit runs (see check())
 STATS_DIR = Path("/tmp/lmedit-gpu-stats")
 CORPUS = "corpus.jsonl"  # in --assets: the Wikipedia excerpt's first texts, for machines without gensim
 CONTEXT = [["{}"], ["The following is true. {}", "Here is a fact. {}"]]  # fixed: no sampling differences
@@ -94,7 +95,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_edit(model, tok, C, layers) -> dict:
+def run_edit(model, tok, C, layers, load_targets: Path | None = None, save_targets: Path | None = None) -> dict:
+    """One EMMET edit of REQUESTS, timed, then undone; ``load_targets``: from the target vectors in
+    that file (written by another run's ``save_targets``) instead of optimising them."""
     reqs = [lmedit.EditRequest(prompt=p, subject=s, target_new=n, target_true=t) for p, s, n, t in REQUESTS]
     _sync()
     if torch.cuda.is_available():
@@ -102,12 +105,15 @@ def run_edit(model, tok, C, layers) -> dict:
     t0 = time.perf_counter()
     editor = lmedit.Editor(model, tok, "emmet", covariances=C, context=CONTEXT, layers=layers, v_num_grad_steps=20,
                            compute_dtype="float32", chat_prompts="off")
-    res = editor.edit(reqs)
+    res = editor.edit(reqs, targets=editor.load_targets(load_targets) if load_targets else None)
     _sync()
     out = {"deltas": {l: d.clone() for l, d in res.deltas.items()}, "wall_s": time.perf_counter() - t0,
+           "targets": res.targets,
            "timings": {k: round(v, 3) for k, v in res.timings.items()},
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
     res.undo()
+    if save_targets:  # on the weights they were computed on
+        editor.save_targets(res.targets, save_targets)
     return out
 
 
@@ -145,7 +151,12 @@ def check(name: str, assets: Path | None, n_samples: int, gpu: torch.device, ran
     row["stats_tokens_per_s"] = round(row["stats_tokens"] / row["stats_s"])
     runs = {"gpu": run_edit(model, tok, C, layers)}
     model.to("cpu")
-    runs["cpu"] = run_edit(model, tok, C, layers)
+    runs["cpu"] = run_edit(model, tok, C, layers, save_targets=STATS_DIR / "cpu_targets.safetensors")
+    # the GPU edit again from the CPU's target vectors: the difference left is that of keys and solve
+    # alone, the rest of "gpu"'s difference is the target optimisation's (20 steps amplify rounding)
+    model.to(gpu)
+    runs["gpu_cpu_targets"] = run_edit(model, tok, C, layers, load_targets=STATS_DIR / "cpu_targets.safetensors")
+    model.to("cpu")
     from accelerate import dispatch_model
 
     n = adapter.n_layers(model)
@@ -167,6 +178,8 @@ def check(name: str, assets: Path | None, n_samples: int, gpu: torch.device, ran
         row[k] = {"wall_s": round(r["wall_s"], 2), "timings": r["timings"], "peak_gpu_gib": round(r["peak_gpu_gib"], 2)}
         if k != "cpu":
             row[k]["delta_rel_diff_vs_cpu"] = rel(r["deltas"], runs["cpu"]["deltas"])
+            row[k]["target_rel_diff_vs_cpu"] = float((r["targets"].delta.cpu() - runs["cpu"]["targets"].delta).norm()
+                                                     / runs["cpu"]["targets"].delta.norm())
     row["status"] = "ok" if all(row[k]["delta_rel_diff_vs_cpu"] < 1e-3 for k in RUNS if k != "cpu") else "DELTAS DIFFER"
     del model, split, offload
     if torch.cuda.is_available():
@@ -211,8 +224,9 @@ def report(r: dict) -> None:
           f"{r['stats_samples']} texts, {r['stats_tokens']} tokens ({r['stats_tokens_per_s']} tokens/s)")
     for k in RUNS:
         t = r[k]["timings"]
-        diff = f"{r[k]['delta_rel_diff_vs_cpu']:.2e}" if k != "cpu" else "reference"
-        print(f"  {k:7s} edit {r[k]['wall_s']:7.2f} s (targets {t.get('targets_s', 0):.2f}, keys {t.get('keys_s', 0):.2f}, "
+        diff = (f"{r[k]['delta_rel_diff_vs_cpu']:.2e} (target deltas {r[k]['target_rel_diff_vs_cpu']:.2e})"
+                if k != "cpu" else "reference")
+        print(f"  {k:15s} edit {r[k]['wall_s']:7.2f} s (targets {t.get('targets_s', 0):.2f}, keys {t.get('keys_s', 0):.2f}, "
               f"solve {t.get('solve_s', 0):.2f}) peak GPU {r[k]['peak_gpu_gib']:.2f} GiB, deltas vs CPU {diff}")
     print(f"  status: {r['status']}", flush=True)
 

@@ -161,8 +161,10 @@ def summarise(out: Path) -> None:
                      "min_rank": f"{min(r['rank'].values())} / {r['batch_size']}" if "rank" in r else "",
                      "keys_s": r["timings"]["keys_s"]})
     rows.sort(key=lambda r: (r["batch"], r["method"], r["distribution"]))
-    table_rows = [{**r, "residual_left": f"{r['residual_left']:.3f}", "max_rel_update": f"{r['max_rel_update']:.3f}"}
-                  for r in rows]
+    # a rank below the batch: G is singular and its "condition number" is rounding noise over ~0
+    table_rows = [{**r, "residual_left": f"{r['residual_left']:.3f}", "max_rel_update": f"{r['max_rel_update']:.3f}",
+                   "max_cond": "singular" if r["min_rank"] and int(r["min_rank"].split(" / ")[0]) < r["batch"]
+                   else f"{r['max_cond']:.1f}"} for r in rows]
     keys = list(rows[0]) if rows else []
     table = format_table(table_rows, keys).replace("| max_cond |", "| max cond(G) |")
     lines = [table, "", "residual_left: mean ||z* - z|| at the last layer after the edit over before it; "

@@ -35,7 +35,7 @@ from lmedit._runtime import memory_budget, parse_bytes
 from lmedit.chat import chat_groups, has_chat_template
 from lmedit.core.context import cached_context_templates
 from lmedit.core.distribute import LayerSystem, Pieces, distribute
-from lmedit.core.keys import collect_keys
+from lmedit.core.keys import collect_keys, state_bytes
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
 from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, plan_chunks, read_targets,
@@ -136,7 +136,8 @@ class Editor:
     such a directory). ``progress`` shows progress bars. ``memory_budget`` (bytes, or e.g. ``"8GB"``;
     default ``LMEDIT_MEMORY_BUDGET``, else the memory available when an edit starts) bounds the
     target optimisation: requests are optimised in smaller chunks where a chunk would need more, and
-    a request that alone needs more is refused before any work.
+    a request that alone needs more is refused before any work. Half of it (at least 2 GiB) may hold
+    the hidden states a multi-layer distribution keeps between its key passes.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,
@@ -392,7 +393,8 @@ class Editor:
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
                     self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
-                    hp.solver(), hp.joint_form, hp))
+                    hp.solver(), hp.joint_form, hp,
+                    state_bytes(memory_budget(model_device(self.model), self.memory_budget))))
                 for l, k in K.items():
                     keys[l] = torch.cat([keys[l], k]) if l in keys else k
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits

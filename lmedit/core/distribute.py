@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmedit.core import solvers
-from lmedit.core.keys import PromptStates, bare_prompts, collect_keys, key_prompts, residual_stream
+from lmedit.core.keys import STATE_BYTES, PromptStates, bare_prompts, collect_keys, key_prompts, residual_stream
 from lmedit.core.weights import WeightTransaction
 from lmedit.errors import HyperparameterError
 from lmedit.models.adapters import ModelAdapter
@@ -82,6 +82,7 @@ class Pieces:
     solver: Solver
     joint_form: Callable[[], JointForm]  # the method's, built only when a distribution asks for it
     settings: object = None  # the hyperparameters (refit_base, refit_tol, refit_passes; site: where the targets were optimised)
+    state_bytes: int = STATE_BYTES  # memory the kept hidden states between passes may take (see PromptStates)
     info: dict[int, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=lambda: {"keys_s": 0.0, "residual_s": 0.0, "solve_s": 0.0})
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the K its (last) solve used
@@ -95,7 +96,7 @@ class Pieces:
         if which not in self._states:
             prompts = key_prompts(self.requests, self.template_groups) if which == "keys" else bare_prompts(self.requests)
             self._states[which] = PromptStates(self.model, self.tokenizer, self.adapter, *prompts,
-                                               floor=min(self.layers))
+                                               floor=min(self.layers), state_bytes=self.state_bytes)
         return self._states[which]
 
     def keys_at(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import lmedit
 from helpers import ARCHS, REQUESTS, assert_same, edit_kwargs, rose, snapshot, spd_covariances, target_logprob
 from lmedit.core.distribute import LayerSystem, Pieces, distribute, distribution_names, register_distribution
-from lmedit.core.keys import PromptStates, collect_keys, key_prompts, residual_stream
+from lmedit.core.keys import STATE_BYTES, PromptStates, collect_keys, key_prompts, residual_stream, state_bytes
 from lmedit.errors import HyperparameterError
 from lmedit.methods import get_method
 
@@ -97,6 +97,31 @@ def test_kept_states_give_the_full_passes_keys_bit_for_bit(arch, fresh, tokenize
     # pass 1 from the embeddings; 2 and 3 from the state kept by the pass before; the last pass
     # reads layer 2 after layer 2 and 3 were written: from the floor (layer 1's input), not 0
     assert states.passes == [(0, 1), (1, 2), (2, 3), (1, 2)]
+
+
+def test_states_over_the_budget_are_not_kept_and_every_pass_starts_at_the_embeddings(fresh, tokenizer):
+    model = fresh("llama")
+    adapter = lmedit.get_adapter(model)
+    groups = [["{}"], ["Some text. {}"]]
+    states = PromptStates(model, tokenizer, adapter, *key_prompts(REQUESTS, groups), floor=1, state_bytes=1024)
+    for layer in (1, 2, 3):
+        got = collect_keys(model, tokenizer, adapter, REQUESTS, groups, [layer], states=states)
+        assert torch.equal(got[layer], collect_keys(model, tokenizer, adapter, REQUESTS, groups, [layer])[layer])
+    assert not states.keep and states.passes == [(0, 1), (0, 2), (0, 3)]
+
+
+def test_kept_states_may_take_half_the_edit_memory_budget(fresh, tokenizer, monkeypatch):
+    assert state_bytes(None) == state_bytes(2**30) == STATE_BYTES  # never below the fixed floor
+    assert state_bytes(16 * 2**30) == 8 * 2**30
+    import lmedit.core.distribute as dist
+
+    seen, real = [], dist.PromptStates
+    monkeypatch.setattr(dist, "PromptStates", lambda *a, **kw: seen.append(kw["state_bytes"]) or real(*a, **kw))
+    model = fresh("llama")
+    kw = _kw("memit")
+    lmedit.Editor(model, tokenizer, "memit", covariances=spd_covariances(model, kw["layers"]), memory_budget="24GB",
+                  **kw).edit(REQUESTS)
+    assert seen and set(seen) == {state_bytes(lmedit._runtime.parse_bytes("24GB"))} and seen[0] > STATE_BYTES
 
 
 @pytest.mark.parametrize("method", OBJECTIVES)

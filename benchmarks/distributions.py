@@ -180,19 +180,21 @@ def summarise(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dists = sorted({r["distribution"] for r in rows})
+    colour = {d: plt.get_cmap("tab20")(i % 20) for i, d in enumerate(dists)}  # one colour per distribution
     for metric in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "residual_left"):
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig, ax = plt.subplots(figsize=(7.5, 3.6))
         for method in sorted({r["method"] for r in rows}):
-            for dist in sorted({r["distribution"] for r in rows}):
+            for dist in dists:
                 pts = sorted((r["batch"], r[metric]) for r in rows if r["method"] == method and r["distribution"] == dist)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} {dist}",
-                            linestyle="-" if method == "emmet" else "--")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if method == "emmet" else "s",
+                            label=f"{method} {dist}", color=colour[dist], linestyle="-" if method == "emmet" else "--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / f"{metric}.png", dpi=110)
         plt.close(fig)

@@ -136,8 +136,8 @@ class Editor:
     such a directory). ``progress`` shows progress bars. ``memory_budget`` (bytes, or e.g. ``"8GB"``;
     default ``LMEDIT_MEMORY_BUDGET``, else the memory available when an edit starts) bounds the
     target optimisation: requests are optimised in smaller chunks where a chunk would need more, and
-    a request that alone needs more is refused before any work. Half of it (at least 2 GiB) may hold
-    the hidden states a multi-layer distribution keeps between its key passes.
+    a request that alone needs more is refused before any work. Three quarters of it may hold the
+    hidden states a multi-layer distribution keeps between its key passes.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: str | None = None, *, hparams: EditHParams | None = None,

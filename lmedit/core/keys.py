@@ -22,18 +22,18 @@ from lmedit.requests import EditRequest
 MAX_TOKENS = 8192  # padded tokens per forward pass
 
 
-# Hidden states kept between passes of one PromptStates, at most (float32 bytes); beyond it every
-# pass runs from the first block.
+# Hidden states kept between passes of one PromptStates, at most (bytes), where no memory budget is
+# known; beyond it every pass runs from the first block.
 STATE_BYTES = 2 * 2**30
 
 
 def state_bytes(budget: int | None) -> int:
     """What :class:`PromptStates` may keep between passes, for an edit phase allowed ``budget`` bytes:
-    half of it (the forward passes need the rest), and never less than ``STATE_BYTES``. A batch of
-    4,096 requests with SmolLM2's 12 templates holds 1.6M prompt tokens, so its two kept float32
-    states take 6.7 GiB: over the fixed 2 GiB every pass of ``spread`` ran from the embeddings
+    three quarters of it (the forward passes need the rest), ``STATE_BYTES`` where no budget is known.
+    A batch of 4,096 requests with SmolLM2's 12 templates holds 1.6M prompt tokens, 3.4 GiB per
+    float32 state: under the fixed 2 GiB of before, every pass of ``spread`` ran from the embeddings
     (35 block runs instead of 13 over layers 4-8)."""
-    return max(STATE_BYTES, (budget or 0) // 2)
+    return STATE_BYTES if budget is None else budget * 3 // 4
 
 
 class PromptStates:
@@ -53,7 +53,8 @@ class PromptStates:
     of at the embeddings, as long as no block below it was written since (``versions``: a write
     counter per layer, kept by the caller that writes). The blocks run on the same inputs in the
     same batches, so the activations equal those of full passes bit for bit. Kept: the ``floor``
-    state and the newest, within ``state_bytes`` (beyond it every pass starts at the embeddings).
+    state and the newest, where three states (those two and the one a pass fills) fit
+    ``state_bytes`` (else every pass starts at the embeddings).
     """
 
     def __init__(self, model: nn.Module, tokenizer, adapter: ModelAdapter | None, templates: Sequence[str],
@@ -68,8 +69,9 @@ class PromptStates:
                          torch.tensor([seqs[i].subject_last for i in g])) for g in self.groups]
         width = getattr(getattr(model, "config", None), "hidden_size", None) or 0
         padded = sum(ids.numel() for ids, _, _ in self.batches)
+        # at most three states at once: the floor's, the newest kept, and the one a pass is filling
         size = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
-        self.keep = adapter is not None and bool(width) and 2 * padded * width * size <= state_bytes
+        self.keep = adapter is not None and bool(width) and 3 * padded * width * size <= state_bytes
         self.kept: dict[int, tuple[dict[int, int], list[torch.Tensor]]] = {}  # block -> (versions then, states)
         self.passes: list[tuple[int, int]] = []  # (first block run, deepest block read) of each pass
 

@@ -110,9 +110,21 @@ def test_states_over_the_budget_are_not_kept_and_every_pass_starts_at_the_embedd
     assert not states.keep and states.passes == [(0, 1), (0, 2), (0, 3)]
 
 
-def test_kept_states_may_take_half_the_edit_memory_budget(fresh, tokenizer, monkeypatch):
-    assert state_bytes(None) == state_bytes(2**30) == STATE_BYTES  # never below the fixed floor
-    assert state_bytes(16 * 2**30) == 8 * 2**30
+def test_kept_states_are_counted_in_the_model_dtype(fresh, tokenizer):
+    model = fresh("llama")
+    adapter = lmedit.get_adapter(model)
+    prompts = key_prompts(REQUESTS, [["{}"], ["Some text. {}"]])
+    probe = PromptStates(model, tokenizer, adapter, *prompts)
+    three = 3 * sum(ids.numel() for ids, _, _ in probe.batches) * model.config.hidden_size  # elements
+    assert PromptStates(model, tokenizer, adapter, *prompts, state_bytes=4 * three).keep
+    assert not PromptStates(model, tokenizer, adapter, *prompts, state_bytes=4 * three - 1).keep
+    half = model.to(torch.bfloat16)
+    assert PromptStates(half, tokenizer, adapter, *prompts, state_bytes=2 * three).keep
+
+
+def test_kept_states_may_take_three_quarters_of_the_edit_memory_budget(fresh, tokenizer, monkeypatch):
+    assert state_bytes(None) == STATE_BYTES and state_bytes(16 * 2**30) == 12 * 2**30
+    assert state_bytes(2**30) == 3 * 2**28  # a budget below the old fixed 2 GiB is kept to
     import lmedit.core.distribute as dist
 
     seen, real = [], dist.PromptStates

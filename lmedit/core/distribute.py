@@ -21,7 +21,9 @@ which. Built in (derivations in ``docs/distributions.md``):
   (or its least-squares analogue): layers share the residual by their capacity.
 * ``refit``: a pass of ``refit_base`` (any other distribution), then again on what is still
   missing (later layers' keys moved), until the residual falls below ``refit_tol`` of where it
-  started or ``refit_passes`` passes ran.
+  started or ``refit_passes`` passes ran; a pass after the first that does not shrink the residual is
+  undone (bit for bit) and ends the refit, so refit never leaves more of the residual than its
+  base's first pass.
 * ``cascade``: layer by layer like ``spread`` (keys recomputed after each write), but each layer
   takes its share of a joint solve over the layers still to be written instead of an equal share.
 """
@@ -156,6 +158,16 @@ class Pieces:
         self.timings["solve_s"] += time.perf_counter() - t0
         return dict(zip(layers, dWs))
 
+    def checkpoint(self) -> tuple:
+        """What :meth:`back_to` needs to undo the writes that follow (weights bit for bit, diagnostics)."""
+        return self.tx.checkpoint(), dict(self.written), dict(self.keys), {l: dict(v) for l, v in self.info.items()}
+
+    def back_to(self, checkpoint: tuple) -> None:
+        weights, written, keys, info = checkpoint
+        for layer in self.tx.back_to(weights):  # kept hidden states above these layers are stale again
+            self.versions[layer] = self.versions.get(layer, 0) + 1
+        self.written, self.keys, self.info = dict(written), dict(keys), info
+
     def write(self, layer: int, dW: torch.Tensor, K: torch.Tensor, missing: torch.Tensor) -> None:
         """W_layer += dW, with the diagnostics (``missing``: the residual the solve saw, before any share)."""
         self.tx.add(layer, dW)
@@ -246,13 +258,20 @@ def refit(p: Pieces) -> None:
     base = get_distribution(hp.refit_base)
     if base.name == "refit":
         raise HyperparameterError("refit_base must be another distribution than refit")
-    start = float(p.missing().norm(dim=1).mean())
+    start = before = float(p.missing().norm(dim=1).mean())
     for n in range(1, hp.refit_passes + 1):
+        checkpoint = p.checkpoint() if n > 1 else None
         base.run(p)
         left = float(p.missing().norm(dim=1).mean())
+        log.debug("refit pass %d: residual %.4g -> %.4g", n, before, left)
+        if checkpoint is not None and left >= before:  # a pass that does not shrink the residual: undone, stop
+            p.back_to(checkpoint)
+            log.info("refit: pass %d left %.4g of the residual against %.4g before it; undone, %d pass(es) kept",
+                     n, left, before, n - 1)
+            break
         for layer in p.info:
             p.info[layer].update(passes=n, residual_left=left)
-        log.debug("refit pass %d: residual %.4g -> %.4g", n, start, left)
+        before = left
         if left <= hp.refit_tol * start:
             break
 

@@ -82,6 +82,26 @@ class WeightTransaction:
         restore(self.model, self.adapter, self.record.originals)
         self.record = AppliedEdit()
 
+    def checkpoint(self) -> dict[int, torch.Tensor]:
+        """The updates so far, for :meth:`back_to` (``add`` replaces a layer's total, never mutates it)."""
+        return dict(self.record.deltas)
+
+    def back_to(self, checkpoint: dict[int, torch.Tensor]) -> list[int]:
+        """Undo every update made since ``checkpoint``, bit for bit; returns the layers that changed."""
+        changed = []
+        with torch.no_grad():
+            for layer in [l for l in self.record.deltas if self.record.deltas[l] is not checkpoint.get(l)]:
+                if layer in checkpoint:
+                    param = self.adapter.stored(self.model, layer)
+                    self.adapter.store(self.model, layer, _rebuilt(self.adapter, self.record.originals[layer],
+                                                                   checkpoint[layer], param))
+                    self.record.deltas[layer] = checkpoint[layer]
+                else:
+                    self.adapter.store(self.model, layer, self.record.originals.pop(layer))
+                    del self.record.deltas[layer]
+                changed.append(layer)
+        return changed
+
     def __enter__(self) -> "WeightTransaction":
         return self
 

@@ -164,6 +164,12 @@ class _LinearToy(Pieces):
         z = self.z0 + sum((self.K0[l].double() @ dW.T).float() for l, dW in self.total.items())
         return self.targets - z
 
+    def checkpoint(self):
+        return dict(self.total), {l: dict(v) for l, v in self.info.items()}
+
+    def back_to(self, checkpoint):
+        self.total, self.info = dict(checkpoint[0]), checkpoint[1]
+
     def write(self, layer, dW, K, missing):
         self.total[layer] = self.total.get(layer, 0) + dW
         self.keys[layer] = K
@@ -201,6 +207,43 @@ def test_refit_converges_on_a_linear_toy():
     left = float(toy.missing().norm(dim=1).mean())
     assert left_once > 0.05 * start and left <= 0.01 * start
     assert 1 < toy.info[2]["passes"] < 50
+
+
+def _overshoot(p):
+    """The last layer writes 2.5x what is missing: each pass leaves -1.5x the residual it started from."""
+    layer = p.layers[-1]
+    K = p.keys_at([layer])[layer]
+    missing = p.missing()
+    p.write(layer, p.solve(layer, 2.5 * missing, K), K, missing)
+
+
+def test_refit_undoes_a_pass_that_grows_the_residual_on_a_linear_toy():
+    register_distribution("test-overshoot", _overshoot, "test only", overwrite=True)
+    once = _toy("emmet", emmet_lambda=0.0)
+    distribute("test-overshoot", once)
+    toy = _toy("emmet", emmet_lambda=0.0, distribution="refit", refit_base="test-overshoot", refit_passes=5)
+    distribute("refit", toy)
+    assert toy.info[2]["passes"] == 1 and set(toy.total) == {2} and torch.equal(toy.total[2], once.total[2])
+
+
+def test_refit_undoes_a_growing_pass_bit_for_bit(fresh, tokenizer):
+    """On a model: refit over a base whose second pass would grow the residual gives the base's deltas."""
+    register_distribution("test-overshoot", _overshoot, "test only", overwrite=True)
+    kw = _kw("emmet")
+    deltas = {}
+    for name, extra in (("base", {"distribution": "test-overshoot"}),
+                        ("refit", {"distribution": "refit", "refit_base": "test-overshoot", "refit_passes": 3})):
+        model = fresh("llama")
+        before = snapshot(model)
+        res = lmedit.edit(model, tokenizer, REQUESTS, method="emmet", covariances=spd_covariances(model, kw["layers"]),
+                          **{**kw, **extra})
+        deltas[name] = res.deltas
+        if name == "refit":
+            assert res.layer_info[0][kw["layers"][-1]]["passes"] == 1
+            res.undo()
+            assert_same(model, before)
+    assert deltas["base"].keys() == deltas["refit"].keys()
+    assert all(torch.equal(deltas["base"][l], deltas["refit"][l]) for l in deltas["base"])
 
 
 def test_registry_and_refusals():

@@ -63,7 +63,10 @@ def batches_of(requests: list, size: int) -> list[list]:
 
 def probe_texts(args) -> tuple[list[str], list[str]]:
     """Held-out paragraphs (after the statistics' 2,000) and fluency prompts (records never edited here)."""
-    paragraphs = load_corpus("wikipedia-excerpt", 2000 + args.heldout)[2000:]
+    paragraphs = load_corpus(args.corpus, 2000 + args.heldout)[2000:]
+    if len(paragraphs) < args.heldout:
+        raise SystemExit(f"--corpus {args.corpus}: {2000 + len(paragraphs)} texts, need {2000 + args.heldout} "
+                         "(2,000 for the statistics, then the held-out ones)")
     flat = json.loads(Path(args.data).read_text())
     return paragraphs, [r["locality_prompt"] for r in flat[-args.fluency_prompts:]]
 
@@ -71,7 +74,7 @@ def probe_texts(args) -> tuple[list[str], list[str]]:
 def load_probe(state: dict, model, tok, args, edited: bool) -> RetentionProbe:
     """The probe of the unedited model: built now (and its known facts kept in ``state``), or reloaded."""
     paragraphs, fluency = probe_texts(args)
-    knowns = json.loads((DATA / "knowns" / "known_1209.json").read_text())
+    knowns = json.loads(Path(args.knowns).read_text())
     if "known" in state:
         known = state["known"]
         if "subjects" not in known:  # a results file of an earlier version: the subjects by prompt
@@ -135,11 +138,15 @@ def protected_facts(spec: str, args) -> tuple[list, float]:
     return facts, float(weight) if weight else 1.0
 
 
+def load(args):
+    return lmedit.load_model(args.model, device_map=args.device_map)
+
+
 def run_method(label: str, method: str, args, overrides: dict, protect: str | None = None) -> dict:
     path = Path(args.out) / f"{label}.json"
     state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
-    model, tok = lmedit.load_model()
+    model, tok = load(args)
     adapter = lmedit.get_adapter(model)
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
     W0 = editable_weights(model, adapter)  # before a ledger is replayed onto the model
@@ -159,7 +166,9 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         state["rows"] = [r for r in state["rows"] if r["edits"] == 0]
         state["edit_s"] = state["targets_s"] = 0.0
     probe = load_probe(state, model, tok, args, edited=done > 0)
-    state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size)
+    dev = next(model.parameters()).device
+    state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size,
+                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
     if not state["rows"]:
         state["rows"].append(evaluate(model, tok, [], [], probe, W0, adapter, args))
         save(path, state)
@@ -195,7 +204,7 @@ def unedited_reference(args) -> None:
     path = Path(args.out) / "unedited.json"
     if path.exists():
         return
-    model, tok = lmedit.load_model()
+    model, tok = load(args)
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
     edited = [r for b in batches for r in b][: args.sample_min]
     first, every = evaluate_requests(model, tok, batches[0]), evaluate_requests(model, tok, edited)
@@ -239,6 +248,12 @@ def main() -> int:
     ap.add_argument("--methods", default="memit,emmet,encore,alphaedit",
                     help="method names, or LABEL=METHOD entries (e.g. preserve=memit with --set preserve:preserve_edits=true)")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_train_10000.json"))
+    ap.add_argument("--model", default=None, help="a named model, .gguf file or HF directory (default: the embedded one)")
+    ap.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. cuda")
+    ap.add_argument("--knowns", default=str(DATA / "knowns" / "known_1209.json"), help="known facts (ROME's schema)")
+    ap.add_argument("--corpus", default="wikipedia-excerpt",
+                    help="a corpus name or .jsonl/.txt file: its first 2,000 texts give the statistics (mom2_corpus, "
+                         "unless --set gives another) and the --heldout after them the perplexity paragraphs")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=500)
@@ -266,7 +281,10 @@ def main() -> int:
     unedited_reference(args)
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         label, _, method = entry.partition("=")
-        run_method(label, method or label, args, overrides.get(label, {}), protect.get(label))
+        own = overrides.get(label, {})
+        if args.corpus != "wikipedia-excerpt":  # the statistics read the same corpus's first 2,000 texts
+            own = {"mom2_corpus": args.corpus, **own}
+        run_method(label, method or label, args, own, protect.get(label))
         write_tables(out)
     return 0
 

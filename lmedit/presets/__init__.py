@@ -119,11 +119,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # ||dW|| >> ||W||) and MLP-output targets shared the same way fail (18.8 ES); one layer with its target at
     # its own MLP output lands: 16 held-out records (counterfact_train_10000.json 5,000-5,015), EMMET and
     # MEMIT 100/81.2/68.8 with NS as unedited, ROME 100/87.5/68.8 (python benchmarks/gemma_postnorm.py,
-    # results/gemma_postnorm). Layer 5: ROME's row there, not yet from causal tracing. Generic target settings
-    # (MEMIT's), the clamp 2.0 (0.75 gave PS 68.8; 2 and 4 gave 81.2), MEMIT's lambda 15 (1,500 under-edits:
-    # ES 56; 1-150 land; benchmarks/gemma_tune.py). A pretrained base model: plain prompts. MPES: the loss
-    # stop never fires on Gemma (all 25 steps, log p(target_new) -0.007, over-fitted); on the same 16 records
-    # MPES gives EMMET and MEMIT PS 87.5 against 68.8 with 2.4-2.5x less target time
+    # results/gemma_postnorm). Layer 5: ROME's row there, and the peak of the MLP effect at the last subject
+    # token in causal tracing (windows centred on layers 4-5: 0.102 / 0.101; results/tracing/gemma-3-270m.json).
+    # Generic target settings (MEMIT's), the clamp 2.0 (0.75 gave PS 68.8; 2 and 4 gave 81.2), MEMIT's lambda
+    # 15 (1,500 under-edits: ES 56; 1-150 land; benchmarks/gemma_tune.py). A pretrained base model: plain
+    # prompts. MPES: the loss stop never fires on Gemma (all 25 steps, log p(target_new) -0.007, over-fitted);
+    # on the same 16 records MPES gives EMMET and MEMIT PS 87.5 against 68.8 with 2.4-2.5x less target time
     # (benchmarks/gemma_tune.py ... --preset, results/gemma_postnorm/mpes-*.jsonl).
     _preset("gemma-3-270m", ("gemma3_text", 18, 640), {
         "rome": dict(_GEMMA, layers=[5]),

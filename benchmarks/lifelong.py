@@ -165,6 +165,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
               f"replacing the rows after 0 edits", flush=True)
         state["rows"] = [r for r in state["rows"] if r["edits"] == 0]
         state["edit_s"] = state["targets_s"] = 0.0
+        state.pop("batches", None)
     probe = load_probe(state, model, tok, args, edited=done > 0)
     dev = next(model.parameters()).device
     state.update(hparams=editor.hparams.to_dict(), command=" ".join(sys.argv), n=args.n, batch_size=args.batch_size,
@@ -187,6 +188,9 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         res = editor.edit(batch)
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
+        # per batch: the phases' times and target steps (where a long run's time goes, batch by batch)
+        state.setdefault("batches", []).append({"edits": n_done, "edit_s": time.perf_counter() - t0,
+                                                **{k: v for k, v in res.timings.items() if isinstance(v, (int, float))}})
         state["hparams"] = editor.hparams.to_dict()  # with what the first batch measured (norm_reference)
         release_freed_memory()
         print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -6,7 +6,8 @@
 #
 #   here, once:  benchmarks/lifelong_device.sh --prepare   (writes .gpuA/ and .gpuB/, both git-excluded)
 #   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
-#                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [LIFELONG ARGS ...]
+#                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
+# (--profile: first benchmarks/target_profile.py on one batch of 100, its tables into $OUT/profile/)
 # Call 2 joins the pieces, checks the sha256, converts, and runs benchmarks/lifelong.py with the model
 # on the GPU; results are packed into $OUT/lifelong.tgz every 20 s (so a run cut short still returns
 # what it finished) and once more at the end.
@@ -46,6 +47,12 @@ cp .gpuB/* "$W/"
 cat "$W"/lmedit-gguf.part? > "$W/$GGUF_NAME"
 echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
+if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes (benchmarks/target_profile.py)
+  shift
+  timeout 150 $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
+    --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
+    --out "${OUT:-/tmp}/profile" 2>&1 | grep -v Warning | tail -80
+fi
 OUTDIR=/tmp/lmedit-lifelong
 mkdir -p "$OUTDIR"
 pack() { tar czf /tmp/lifelong.tgz -C "$OUTDIR" --exclude ledgers . 2>/dev/null && mv /tmp/lifelong.tgz "${OUT:-/tmp}/lifelong.tgz"; }

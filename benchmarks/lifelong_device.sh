@@ -49,9 +49,12 @@ echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
 if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes (benchmarks/target_profile.py)
   shift
-  timeout 150 $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
-    --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
-    --out "${OUT:-/tmp}/profile" 2>&1 | grep -v Warning | tail -80
+  for arm in "profile" "profile_merged --pass-tokens 100000 --set chunk_requests=128"; do  # as now; one pass a step
+    read -r name extra <<< "$arm"
+    timeout 150 $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
+      --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
+      --out "${OUT:-/tmp}/$name" $extra 2>&1 | grep -v Warning | tail -70
+  done
 fi
 OUTDIR=/tmp/lmedit-lifelong
 mkdir -p "$OUTDIR"

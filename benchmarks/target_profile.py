@@ -39,12 +39,19 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--pass-tokens", type=int, default=None,
+                    help="what one suffix pass costs in tokens when buckets are merged (lmedit.core.layout.PASS_TOKENS, "
+                         "32, measured on a CPU); a large value merges every bucket into one pass per step")
     ap.add_argument("--out", default="results/target_profile")
     args = ap.parse_args()
     configure_threads()
     from lmedit.cli import parse_value
 
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.sets)}
+    if args.pass_tokens is not None:
+        from lmedit.core import layout
+
+        layout.PASS_TOKENS = args.pass_tokens
     model, tok = lmedit.load_model(args.model, device_map=args.device_map)
     requests = lmedit.load_requests(args.data, limit=args.n + 4)
     cuda = next(model.parameters()).device.type == "cuda"
@@ -65,6 +72,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model or "embedded", "method": args.method, "n": args.n, "wall_s": wall,
+               "pass_tokens": args.pass_tokens, "overrides": overrides,
                "timings": res.timings, "cuda_kernels": kernels,
                "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                "self_cpu_s": sum(e.self_cpu_time_total for e in avg) / 1e6,

@@ -119,15 +119,18 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
 PASS_TOKENS = 32
 
 
-def buckets(lay: TargetLayout, pass_tokens: int = PASS_TOKENS) -> list[Bucket]:
+def buckets(lay: TargetLayout, pass_tokens: int | None = None) -> list[Bucket]:
     """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
 
     A KL sequence needs one column, a rewrite sequence as many as reach its last target token.
     Running each group at its own width instead of the widest avoids computing padding; groups of
     neighbouring widths are merged where one wider pass costs less than separate ones (each pass
     counted as its rows x width plus ``pass_tokens``), which matters when there are few rows, e.g.
-    a single request, whose lone KL row would otherwise make a pass of its own.
+    a single request, whose lone KL row would otherwise make a pass of its own. ``pass_tokens``:
+    default :data:`PASS_TOKENS` (read at each call; ``benchmarks/target_profile.py --pass-tokens``
+    sets it to measure another cost, e.g. a GPU's, where a pass costs its kernel launches).
     """
+    pass_tokens = PASS_TOKENS if pass_tokens is None else pass_tokens
     n_seq = lay.ids.shape[0]
     need = torch.ones(n_seq, dtype=torch.long, device=lay.ids.device)
     need.scatter_reduce_(0, lay.loss_rows, lay.loss_cols - lay.S + 1, reduce="amax", include_self=True)

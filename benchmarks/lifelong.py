@@ -14,8 +14,9 @@ At 0 edits and every K edits: efficacy / paraphrase / neighbourhood scores over 
 so far (all of them up to --sample-min, else a fixed random share --sample of at least that many),
 the same on the first batch, retention of the known facts the unedited model answers
 (``known_1209.json``; also among those whose subject no edit so far names, since an edit may rightly
-change a known fact of its subject), perplexity on held-out Wikipedia paragraphs (after those used for the
-statistics), fluency of greedy continuations, and |W - W0| / |W0| per edited layer. ``--protect``
+change a known fact of its subject) and their answers' mean token log-probability, perplexity on
+held-out Wikipedia paragraphs (after those used for the statistics), fluency of greedy
+continuations, and |W - W0| / |W0| per edited layer. ``--protect``
 puts the keys of other records of the data (never edited) into a method's preserved set first. Writes
 OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
 """
@@ -220,8 +221,8 @@ def write_tables(out: Path) -> None:
     # run states only: other analyses (ablation, key capacity) may share the folder
     states = [s for s in (json.loads(p.read_text()) for p in sorted(out.glob("*.json"))) if "rows" in s and "method" in s]
     cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
-            "first_neighborhood_score", "known_retention", "known_retention_others", "perplexity", "fluency",
-            "rel_change_max"]
+            "first_neighborhood_score", "known_retention", "known_retention_others", "known_logprob", "perplexity",
+            "fluency", "rel_change_max"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for s in states:
         for r in s["rows"]:

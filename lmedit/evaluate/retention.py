@@ -8,7 +8,9 @@ Example::
 Beside CounterFact's metrics over the edited facts (``lmedit.evaluate.runner.evaluate_requests``):
 
 * known-fact retention: of the facts the unedited model answers correctly (every token of the
-  answer is the teacher-forced argmax, e.g. ROME's ``known_1209.json``), the share it still does;
+  answer is the teacher-forced argmax, e.g. ROME's ``known_1209.json``), the share it still does,
+  and the mean log-probability of their answers' tokens (a graded measure: most facts a small
+  model knows, it knows barely, so a count of flips moves in steps);
   with the facts' subjects known, also the share among those whose subject no edit so far names
   (an edit of "Catalonia is part of Europe" may rightly change "Catalonia belongs to the continent
   of");
@@ -35,7 +37,15 @@ from lmedit.models.precision import model_device
 
 def answered(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
     """Per fact: every token of `` answer`` is the argmax after ``prompt`` (teacher forced)."""
-    return [bool(ok.all()) for _, ok in score_continuations(model, tokenizer, prompts, answers)]
+    return answer_scores(model, tokenizer, prompts, answers)[0]
+
+
+def answer_scores(model: nn.Module, tokenizer, prompts: Sequence[str],
+                  answers: Sequence[str]) -> tuple[list[bool], list[float]]:
+    """Per fact: whether it is answered (see :func:`answered`) and the mean log-probability of the
+    answer's tokens (teacher forced), from one forward pass."""
+    scored = score_continuations(model, tokenizer, prompts, answers)
+    return [bool(ok.all()) for _, ok in scored], [float(lp.float().mean()) for lp, _ in scored]
 
 
 @torch.no_grad()
@@ -96,12 +106,16 @@ class RetentionProbe:
                    None if known_subjects is None else [known_subjects[i] for i in keep])
 
     def measure(self, model: nn.Module, tokenizer, edited_subjects: Sequence[str] = ()) -> dict:
-        """Known-fact retention (also per fact, ``known_ok``), perplexity and fluency now. With subjects,
+        """Known-fact retention (also per fact, ``known_ok``), the known answers' mean token
+        log-probability (``known_logprob``: graded, where retention counts flips), perplexity and
+        fluency now. With subjects,
         ``known_retention_others``: the share kept among the facts whose subject is none of
         ``edited_subjects`` (compared case-insensitively), ``known_others`` of them."""
-        ok = answered(model, tokenizer, self.known_prompts, self.known_answers) if self.known_prompts else []
+        ok, logp = (answer_scores(model, tokenizer, self.known_prompts, self.known_answers) if self.known_prompts
+                    else ([], []))
         texts = generate_texts(model, tokenizer, self.fluency_prompts, max_new_tokens=self.fluency_tokens)
-        out = {"known_retention": 100.0 * sum(ok) / max(len(ok), 1), "known_facts": len(ok), "known_ok": ok}
+        out = {"known_retention": 100.0 * sum(ok) / max(len(ok), 1), "known_facts": len(ok), "known_ok": ok,
+               "known_logprob": sum(logp) / len(logp) if logp else float("nan")}
         if self.known_subjects is not None:
             edited = {s.casefold() for s in edited_subjects}
             others = [o for o, s in zip(ok, self.known_subjects) if s.casefold() not in edited]

@@ -9,7 +9,7 @@ import torch
 
 import lmedit
 from helpers import teacher_forced_logprobs
-from lmedit.evaluate.retention import RetentionProbe, answered, perplexity, relative_change
+from lmedit.evaluate.retention import RetentionProbe, answer_scores, answered, perplexity, relative_change
 
 TEXTS = ["The cat sat on the mat and looked out of the window.", "Paris is the capital of France.",
          "A very short one."]
@@ -39,9 +39,11 @@ def test_answered_is_the_argmax_of_every_answer_token(fresh, tokenizer):
         answers.append(tokenizer.decode([nxt]).strip() or "x")
     answers.append("zebra")
     got = answered(model, tokenizer, prompts, answers)
-    want = [bool(teacher_forced_logprobs(model, tokenizer, p, a, with_argmax=True)[1].all())
-            for p, a in zip(prompts, answers)]
+    plain = [teacher_forced_logprobs(model, tokenizer, p, a, with_argmax=True) for p, a in zip(prompts, answers)]
+    want = [bool(flags.all()) for _, flags in plain]
     assert got == want and not got[2]
+    ok, logp = answer_scores(model, tokenizer, prompts, answers)
+    assert ok == want and logp == pytest.approx([float(lp.double().mean()) for lp, _ in plain], abs=1e-5)
 
 
 def test_probe_keeps_the_known_facts_and_relative_change(fresh, tokenizer):
@@ -73,6 +75,8 @@ def test_known_facts_whose_subject_was_edited_are_set_apart(fresh, tokenizer):
     m = probe.measure(model, tokenizer)
     n = len(kept)
     assert m["known_ok"][0] is False and m["known_retention"] == pytest.approx(100.0 * (n - 1) / n)
+    _, logp = answer_scores(model, tokenizer, probe.known_prompts, probe.known_answers)
+    assert m["known_logprob"] == pytest.approx(sum(logp) / n)
     assert m["known_retention_others"] == m["known_retention"] and m["known_others"] == n
     m = probe.measure(model, tokenizer, edited_subjects=[kept[0].upper()])  # case-insensitive
     assert m["known_others"] == n - 1 and m["known_retention_others"] == 100.0

@@ -24,6 +24,7 @@ OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -64,10 +65,11 @@ def batches_of(requests: list, size: int) -> list[list]:
 
 def probe_texts(args) -> tuple[list[str], list[str]]:
     """Held-out paragraphs (after the statistics' 2,000) and fluency prompts (records never edited here)."""
-    paragraphs = load_corpus(args.corpus, 2000 + args.heldout)[2000:]
-    if len(paragraphs) < args.heldout:
-        raise SystemExit(f"--corpus {args.corpus}: {2000 + len(paragraphs)} texts, need {2000 + args.heldout} "
+    texts = load_corpus(args.corpus, 2000 + args.heldout)
+    if len(texts) < 2000 + args.heldout:
+        raise SystemExit(f"--corpus {args.corpus}: {len(texts)} texts, need {2000 + args.heldout} "
                          "(2,000 for the statistics, then the held-out ones)")
+    paragraphs = texts[2000:]
     flat = json.loads(Path(args.data).read_text())
     return paragraphs, [r["locality_prompt"] for r in flat[-args.fluency_prompts:]]
 
@@ -75,6 +77,10 @@ def probe_texts(args) -> tuple[list[str], list[str]]:
 def load_probe(state: dict, model, tok, args, edited: bool) -> RetentionProbe:
     """The probe of the unedited model: built now (and its known facts kept in ``state``), or reloaded."""
     paragraphs, fluency = probe_texts(args)
+    digest = hashlib.sha256(json.dumps([paragraphs, fluency]).encode()).hexdigest()
+    if state.setdefault("probe_texts_sha256", digest) != digest:  # a resumed run must measure the same texts
+        raise SystemExit(f"the held-out paragraphs or fluency prompts differ from those this run measured before "
+                         f"(--corpus {args.corpus}, --data {args.data}): resume with the first run's files")
     knowns = json.loads(Path(args.knowns).read_text())
     if "known" in state:
         known = state["known"]
@@ -124,7 +130,8 @@ def open_editor(method: str, model, tok, ledger: Path, args, overrides: dict):
 
 def editable_weights(model, adapter) -> dict:
     """W0 per layer (d_out, d_in), float32 copies of every editable weight as loaded (the base model)."""
-    return {l: adapter.weight(model, l).detach().to("cpu", torch.float32, copy=True) for l in range(adapter.n_layers(model))}
+    return {l: adapter.weight(model, l).detach().to("cpu", torch.float32, copy=True)
+            for l in range(adapter.n_layers(model))}
 
 
 def protected_facts(spec: str, args) -> tuple[list, float]:
@@ -132,7 +139,8 @@ def protected_facts(spec: str, args) -> tuple[list, float]:
     span, _, weight = spec.partition("@")
     start, stop = (int(x) for x in span.split(":"))
     if start < args.n:
-        raise SystemExit(f"--protect {spec}: records from {start} on overlap the {args.n} edited ones (start at >= {args.n})")
+        raise SystemExit(f"--protect {spec}: records from {start} on overlap the {args.n} edited ones "
+                         f"(start at >= {args.n})")
     facts = lmedit.load_requests(args.data, limit=stop)[start:]
     if len(facts) != stop - start:
         raise SystemExit(f"--protect {spec}: {args.data} has only {start + len(facts)} records")
@@ -190,8 +198,9 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
         # per batch: the phases' times and target steps (where a long run's time goes, batch by batch)
-        state.setdefault("batches", []).append({"edits": n_done, "edit_s": time.perf_counter() - t0,
-                                                **{k: v for k, v in res.timings.items() if isinstance(v, (int, float))}})
+        phases = {k: v for k, v in res.timings.items() if isinstance(v, (int, float))}
+        state.setdefault("batches", []).append({"edits": n_done, "edit_s": time.perf_counter() - t0, **phases,
+                                                "target_steps": int(res.targets.steps.sum())})
         state["hparams"] = editor.hparams.to_dict()  # with what the first batch measured (norm_reference)
         release_freed_memory()
         print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -214,12 +223,13 @@ def unedited_reference(args) -> None:
     edited = [r for b in batches for r in b][: args.sample_min]
     first, every = evaluate_requests(model, tok, batches[0]), evaluate_requests(model, tok, edited)
     save(path, {"first": {m: first[m] for m in KEYS}, f"first_{len(edited)}": {m: every[m] for m in KEYS},
-                "command": " ".join(sys.argv)})
+                "command": " ".join(sys.argv), "model": args.model or "embedded"})
 
 
 def write_tables(out: Path) -> None:
     # run states only: other analyses (ablation, key capacity) may share the folder
-    states = [s for s in (json.loads(p.read_text()) for p in sorted(out.glob("*.json"))) if "rows" in s and "method" in s]
+    states = [s for s in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
+              if "rows" in s and "method" in s]
     cols = ["edits", "all_efficacy_score", "all_paraphrase_score", "all_neighborhood_score", "first_efficacy_score",
             "first_neighborhood_score", "known_retention", "known_retention_others", "known_logprob", "perplexity",
             "fluency", "rel_change_max"]
@@ -234,7 +244,7 @@ def write_tables(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 6, figsize=(24, 7))
+    fig, axes = plt.subplots(2, 7, figsize=(28, 7))
     for ax, key in zip(axes.flat, cols[1:] + ["all_sampled"]):
         for s in states:
             pts = [(r["edits"], r[key]) for r in s["rows"] if key in r]
@@ -251,9 +261,11 @@ def write_tables(out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="memit,emmet,encore,alphaedit",
-                    help="method names, or LABEL=METHOD entries (e.g. preserve=memit with --set preserve:preserve_edits=true)")
+                    help="method names, or LABEL=METHOD entries (e.g. preserve=memit with "
+                         "--set preserve:preserve_edits=true)")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_train_10000.json"))
-    ap.add_argument("--model", default=None, help="a named model, .gguf file or HF directory (default: the embedded one)")
+    ap.add_argument("--model", default=None,
+                    help="a named model, .gguf file or HF directory (default: the embedded one)")
     ap.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. cuda")
     ap.add_argument("--knowns", default=str(DATA / "knowns" / "known_1209.json"), help="known facts (ROME's schema)")
     ap.add_argument("--corpus", default="wikipedia-excerpt",

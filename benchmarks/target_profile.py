@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/target_profile.py [--model M] [--device-map cuda] [--method encore] [--n 100]
-        [--data FILE] [--out DIR]
+        [--data FILE] [--set KEY=VALUE ...] [--pass-tokens N] [--out DIR]
 
 Loads the model, makes and undoes one warm-up edit of 4 other records (statistics, context templates
 and kernels are then ready), and profiles an edit of the first ``--n`` records of ``--data`` on a fresh
@@ -29,6 +29,7 @@ import lmedit
 from lmedit._runtime import configure_threads
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"
 
 
 def main() -> int:
@@ -37,11 +38,11 @@ def main() -> int:
     ap.add_argument("--device-map", default=None)
     ap.add_argument("--method", default="encore")
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--pass-tokens", type=int, default=None,
-                    help="what one suffix pass costs in tokens when buckets are merged (lmedit.core.layout.PASS_TOKENS, "
-                         "32, measured on a CPU); a large value merges every bucket into one pass per step")
+                    help="what one suffix pass costs in tokens when buckets are merged (lmedit.core.layout."
+                         "PASS_TOKENS, 32, measured on a CPU); a large value merges every bucket into one pass a step")
     ap.add_argument("--out", default="results/target_profile")
     args = ap.parse_args()
     configure_threads()

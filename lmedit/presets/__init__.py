@@ -123,9 +123,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # token in causal tracing (windows centred on layers 4-5: 0.102 / 0.101; results/tracing/gemma-3-270m.json).
     # Generic target settings (MEMIT's), the clamp 2.0 (0.75 gave PS 68.8; 2 and 4 gave 81.2), MEMIT's lambda
     # 15 (1,500 under-edits: ES 56; 1-150 land; benchmarks/gemma_tune.py). A pretrained base model: plain
-    # prompts. MPES: the loss stop never fires on Gemma (all 25 steps, log p(target_new) -0.007, over-fitted);
-    # on the same 16 records MPES gives EMMET and MEMIT PS 87.5 against 68.8 with 2.4-2.5x less target time
-    # (benchmarks/gemma_tune.py ... --preset, results/gemma_postnorm/mpes-*.jsonl).
+    # prompts. MPES (for every method here): the loss stop never fires on Gemma (all 25 steps, log
+    # p(target_new) -0.007, over-fitted); on the same 16 records MPES gives EMMET and MEMIT PS 87.5 against
+    # 68.8 with 2.4-2.5x less target time (benchmarks/gemma_tune.py ... --preset,
+    # results/gemma_postnorm/mpes-*.jsonl); ROME's share of it is measured on the 64 records
+    # (results/models64/gemma-3-270m; the loss-stop runs in loss_stop/).
     _preset("gemma-3-270m", ("gemma3_text", 18, 640), {
         "rome": dict(_GEMMA, layers=[5]),
         "emmet": dict(_GEMMA, **_ONE_LAYER, mom2_update_weight=1.0, emmet_lambda=0.1),

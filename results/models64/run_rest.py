@@ -29,6 +29,7 @@ model_name, methods = args.model, args.methods
 configure_threads()
 pre_path = (args.pre or ROOT / "results" / "models64" / model_name / "emmet.json").resolve()
 first = json.loads(pre_path.read_text())
+pre_from = str(pre_path.relative_to(ROOT)) if pre_path.is_relative_to(ROOT) else str(pre_path)
 assert (first["model"], first["n"], first["kind"], first["eval_dtype"]) == (model_name, 64, "counterfact", "model")
 assert "generation_entropy" in first["pre"] and not first["chat"] and not first["easyedit"]
 model, tok = lmedit.load_model(model_name, dtype=args.dtype)
@@ -40,7 +41,7 @@ for method in methods:
         continue
     res = run_eval(model, tok, requests, method=method, batch_size=64, generation=True, model_name=model_name,
                    progress=False, pre=first["pre"])
-    res["pre_from"] = str(pre_path.relative_to(ROOT))
+    res["pre_from"] = pre_from
     res["dtype"] = args.dtype
     write_json(out, res)
     print(f"done {out}", flush=True)

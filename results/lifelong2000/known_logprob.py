@@ -3,7 +3,8 @@ run's ledger, for runs whose ledgers are still on this machine.
 
 Usage (from the repository root)::
 
-    python results/lifelong2000/known_logprob.py results/lifelong2000/rerun.json results/lifelong2000/l5k.json ...
+    python results/lifelong2000/known_logprob.py results/lifelong2000/rerun.json \\
+        results/lifelong2000/l5k.json ...
 
 Each results file of ``benchmarks/lifelong.py`` keeps its known facts (``state["known"]``); its
 ledger (``results/lifelong2000/ledgers/LABEL``, not committed) replays onto a freshly loaded base

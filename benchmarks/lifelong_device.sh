@@ -9,6 +9,9 @@
 #                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
 # (--profile: first benchmarks/target_profile.py on one batch of 100, as it runs by default into
 # $OUT/profile/ and with every bucket merged into one pass a step into $OUT/profile_merged/)
+# A call carries the tracked tree too (64 MiB in all): the committed target vectors of the distribution
+# sweep (results/distributions/targets, 38 MB) must stay behind, e.g. `mv` the folder out of the tree and
+# `git rm -r -q --cached` it for the calls, then move it back and `git reset -q -- results/distributions/targets`.
 # Call 2 joins the pieces, checks the sha256, converts, and runs benchmarks/lifelong.py with the model
 # on the GPU; results are packed into $OUT/lifelong.tgz every 20 s (so a run cut short still returns
 # what it finished) and once more at the end. Everything in call 2 ends by DEADLINE seconds (default

@@ -8,7 +8,7 @@ Usage::
 Loads the model, makes and undoes one warm-up edit of 4 other records (statistics, context templates
 and kernels are then ready), and profiles an edit of the first ``--n`` records of ``--data`` on a fresh
 Editor: prints the phases' times, the top operators by self time on the CPU (Python-side launch and
-bookkeeping) and on the GPU, and how many kernels ran per target step. On the lent H200 a batch of
+bookkeeping) and on the GPU, and how many GPU kernels the edit ran. On the lent H200 a batch of
 100 ENCORE edits of the embedded model took 22-35 s, 93 % of it target vectors
 (results/lifelong2000/gpu): this measures where that goes. Writes OUT/target_profile.json and the
 two tables as text.

@@ -126,8 +126,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # prompts. MPES (for every method here): the loss stop never fires on Gemma (all 25 steps, log
     # p(target_new) -0.007, over-fitted); on the same 16 records MPES gives EMMET and MEMIT PS 87.5 against
     # 68.8 with 2.4-2.5x less target time (benchmarks/gemma_tune.py ... --preset,
-    # results/gemma_postnorm/mpes-*.jsonl); ROME's share of it is measured on the 64 records
-    # (results/models64/gemma-3-270m; the loss-stop runs in loss_stop/).
+    # results/gemma_postnorm/mpes-*.jsonl), and ROME the same ES/PS/NS with 2.8x less target time
+    # (mpes-rome.jsonl); the 64-record runs with the loss stop are kept in results/models64/gemma-3-270m/loss_stop.
     _preset("gemma-3-270m", ("gemma3_text", 18, 640), {
         "rome": dict(_GEMMA, layers=[5]),
         "emmet": dict(_GEMMA, **_ONE_LAYER, mom2_update_weight=1.0, emmet_lambda=0.1),

@@ -11,8 +11,9 @@ ledger (``results/lifelong2000/ledgers/LABEL``, not committed) replays onto a fr
 model. Prints, per run and in total, the facts' mean answer-token log-probability before and after,
 the share still answered (as the run measured it) and how the log-probability fell for facts kept
 and for facts lost, and what the lost facts answer now (how many give the new target of some edit
-in the ledger, how many the unedited model's second choice, and the most common answers). Retention counts flips; most facts this model knows, it knows barely, so a
-graded measure tells a small shift from a large one.
+in the ledger, how many the unedited model's second choice, and the most common answers).
+Retention counts flips; most facts this model knows, it knows barely, so a graded measure tells a
+small shift from a large one.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def main(paths: list[str]) -> None:
         _, before = answer_scores(model, tok, known["prompts"], known["answers"])
         runner_up = [second_choice(model, tok, q) for q in known["prompts"]]
         editor = lmedit.Editor.load(model, tok, ledger, progress=False)
-        ok, after = answer_scores(model, tok, known["prompts"], known["answers"])
+        # one pass after the edits: per fact its answer tokens' log-probs, argmax flags and argmax ids
+        scored = score_continuations(model, tok, known["prompts"], known["answers"], with_argmax=True)
+        ok = [bool(flags.all()) for _, flags, _ in scored]  # as answer_scores reads them
+        after = [float(lp.float().mean()) for lp, _, _ in scored]
         kept = [a - b for a, b, o in zip(after, before, ok) if o]
         lost = [a - b for a, b, o in zip(after, before, ok) if not o]
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         # what the lost facts answer now (the greedy first answer token), against the edits' new targets
-        scored = score_continuations(model, tok, known["prompts"], known["answers"], with_argmax=True)
         targets = {json_r["target_new"].strip().lower() for f in sorted(ledger.glob("batch-*.json"))
                    for json_r in json.loads(f.read_text())}
         lost_ids = [(int(am[0]), r) for (_, _, am), o, r in zip(scored, ok, runner_up) if not o]

@@ -19,6 +19,15 @@ held-out Wikipedia paragraphs (after those used for the statistics), fluency of 
 continuations, and |W - W0| / |W0| per edited layer. ``--protect``
 puts the keys of other records of the data (never edited) into a method's preserved set first. Writes
 OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
+
+``--frozen-targets DIR`` is a cheaper protocol for comparing what the solvers do: every batch reuses
+target vectors precomputed on the unedited model (``benchmarks/distributions.py`` writes them,
+``DIR/*.safetensors``) instead of optimising them on the model as it is, so an edit costs its keys
+and solves only (about 20x less on CPU), every method moves to the same targets, and the
+run-to-run spread that target optimisation brings (other thread counts round differently) is gone.
+The methods' target settings become those the vectors were computed with; MPES, a target setting,
+plays no part. Later batches' targets no longer see the earlier edits, so the rows are a protocol of
+their own, not the full one's: compare them with each other (and ENCORE's with its full run).
 """
 
 from __future__ import annotations
@@ -128,6 +137,74 @@ def open_editor(method: str, model, tok, ledger: Path, args, overrides: dict):
     return lmedit.Editor(model, tok, method, ledger=ledger, keep_history=False, progress=not args.quiet, **overrides)
 
 
+class FrozenTargets:
+    """Target vectors precomputed on the unedited model (``Editor.save_targets`` files in one
+    directory), handed to each batch's edit whatever the model's weights are by then."""
+
+    def __init__(self, *directories: str | Path) -> None:
+        from lmedit.core.targets import read_targets
+
+        self.files = sorted(f for d in directories for f in Path(d).glob("*.safetensors"))
+        if not self.files:
+            raise SystemExit(f"--frozen-targets: no target files (*.safetensors) in {directories[0]}")
+        self.where: dict[tuple, tuple[Path, int]] = {}
+        self.size: dict[Path, int] = {}
+        configs = set()
+        for f in self.files:
+            _, prov = read_targets(f)
+            self.size[f] = len(prov.get("requests", []))
+            configs.add(json.dumps([prov.get("layer"), prov.get("anchor"), prov.get("config"),
+                                    prov.get("templates")], sort_keys=True))
+            for row, req in enumerate(prov.get("requests", [])):
+                self.where.setdefault(tuple(req), (f, row))
+        if len(configs) != 1:
+            raise SystemExit(f"--frozen-targets: the files in {directory} were computed with {len(configs)} different "
+                             "layers, sites, settings or templates; keep one set per directory")
+        self.layer, self.anchor, self.config, self.templates = json.loads(configs.pop())
+
+    def missing(self, requests: list) -> list:
+        return [r for r in requests if (r.prompt, r.subject, r.target_new) not in self.where]
+
+    def overrides(self, label: str, own: dict) -> dict:
+        """``own`` with the target settings the vectors were computed with (a conflicting --set is an error)."""
+        clash = {k: v for k, v in own.items() if k in self.config and v != self.config[k]}
+        if clash:
+            raise SystemExit(f"{label}: --set {clash} changes target settings, but --frozen-targets reuses vectors "
+                             f"computed with {self.config}")
+        return {**self.config, **own}
+
+    def for_batch(self, editor, batch: list) -> "lmedit.TargetResult":
+        keys = [(r.prompt, r.subject, r.target_new) for r in batch]
+        missing = [k for k in keys if k not in self.where]
+        if missing:
+            raise SystemExit(f"--frozen-targets: no precomputed target for {len(missing)} of the batch's requests, "
+                             f"e.g. {missing[0]}; compute them first (benchmarks/distributions.py --batch-sizes N --records N)")
+        files = list(dict.fromkeys(self.where[k][0] for k in keys))
+        offsets = {f: sum(self.size[g] for g in files[:i]) for i, f in enumerate(files)}
+        joined = lmedit.TargetResult.concat([editor.load_targets(f, allow_other_weights=True) for f in files])
+        return joined.select([offsets[self.where[k][0]] + self.where[k][1] for k in keys])
+
+
+def frozen_targets(args) -> FrozenTargets:
+    """The --frozen-targets vectors, completed once (on the unedited model, into OUT/frozen_targets) with
+    those the directory lacks for this run's requests (e.g. records its writer dropped as conflicts)."""
+    extra = Path(args.out) / "frozen_targets"
+    frozen = FrozenTargets(args.frozen_targets, extra)
+    reqs = [r for b in batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size) for r in b]
+    if missing := frozen.missing(reqs):
+        model, tok = load(args)
+        editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet, **frozen.config)
+        t0 = time.perf_counter()
+        tr = editor.compute_targets(missing)
+        extra.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(json.dumps(tr.provenance["requests"]).encode()).hexdigest()[:12]
+        editor.save_targets(tr, extra / f"{digest}.safetensors")
+        print(f"frozen targets: computed the {len(missing)} missing on the unedited model "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        frozen = FrozenTargets(args.frozen_targets, extra)  # refuses them if they differ in settings
+    return frozen
+
+
 def editable_weights(model, adapter) -> dict:
     """W0 per layer (d_out, d_in), float32 copies of every editable weight as loaded (the base model)."""
     return {l: adapter.weight(model, l).detach().to("cpu", torch.float32, copy=True)
@@ -151,10 +228,18 @@ def load(args):
     return lmedit.load_model(args.model, device_map=args.device_map)
 
 
-def run_method(label: str, method: str, args, overrides: dict, protect: str | None = None) -> dict:
+def run_method(label: str, method: str, args, overrides: dict, protect: str | None = None,
+               frozen: FrozenTargets | None = None) -> dict:
     path = Path(args.out) / f"{label}.json"
     state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
+    frozen_dir = args.frozen_targets and str(Path(args.frozen_targets))
+    if state["rows"] and state.get("frozen_targets") != frozen_dir:
+        raise SystemExit(f"{path} was begun {'with --frozen-targets ' + str(state.get('frozen_targets')) if state.get('frozen_targets') else 'without --frozen-targets'}; "
+                         "resume it the same way (or write to another --out)")
+    state["frozen_targets"] = frozen_dir
+    if frozen:
+        overrides = frozen.overrides(label, overrides)
     model, tok = load(args)
     adapter = lmedit.get_adapter(model)
     batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
@@ -194,7 +279,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         if args.until and n_done > args.until:
             break
         t0 = time.perf_counter()
-        res = editor.edit(batch)
+        res = editor.edit(batch, targets=frozen.for_batch(editor, batch) if frozen else None)
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
         # per batch: the phases' times and target steps (where a long run's time goes, batch by batch)
@@ -283,6 +368,10 @@ def main() -> int:
     ap.add_argument("--protect", action="append", default=[], metavar="LABEL=START:STOP[@WEIGHT]",
                     help="before LABEL's first batch, Editor.protect() records START..STOP of --data (after the "
                          "edited ones), each key with WEIGHT (default 1) in the preserved set")
+    ap.add_argument("--frozen-targets", default=None, metavar="DIR",
+                    help="reuse target vectors precomputed on the unedited model (Editor.save_targets files, e.g. "
+                         "results/distributions/targets/counterfact_train_10000) for every batch: the solvers "
+                         "compared on equal targets at a twentieth of the cost (see the module docstring)")
     ap.add_argument("--out", default="results/lifelong")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -295,13 +384,14 @@ def main() -> int:
     protect = dict(item.split("=", 1) for item in args.protect)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    frozen = frozen_targets(args) if args.frozen_targets else None
     unedited_reference(args)
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
         label, _, method = entry.partition("=")
         own = overrides.get(label, {})
         if args.corpus != "wikipedia-excerpt":  # the statistics read the same corpus's first 2,000 texts
             own = {"mom2_corpus": args.corpus, **own}
-        run_method(label, method or label, args, own, protect.get(label))
+        run_method(label, method or label, args, own, protect.get(label), frozen)
         write_tables(out)
     return 0
 

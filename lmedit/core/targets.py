@@ -107,11 +107,21 @@ class TargetResult:
 
     def part(self, start: int, stop: int) -> "TargetResult":
         """The vectors of requests ``start:stop`` (e.g. one batch's share of a larger computation)."""
+        return self.select(range(len(self.targets))[start:stop])
+
+    def select(self, indices: Sequence[int]) -> "TargetResult":
+        """The vectors of the requests at ``indices``, in that order (e.g. a batch whose records were
+        reordered out of a larger precomputed set)."""
+        idx = [int(i) for i in indices]
+        n = len(self.targets)
+        if any(not -n <= i < n for i in idx):
+            raise IndexError(f"select: an index is out of range for {n} requests")
         prov = dict(self.provenance)
         if "requests" in prov:
-            prov["requests"] = list(prov["requests"])[start:stop]
-        return TargetResult(**{k: getattr(self, k)[start:stop] for k in _TENSORS}, stats=dict(self.stats),
-                            provenance=prov, value=None if self.value is None else self.value[start:stop])
+            prov["requests"] = [list(prov["requests"])[i] for i in idx]
+        at = torch.tensor(idx, dtype=torch.long)
+        return TargetResult(**{k: getattr(self, k)[at] for k in _TENSORS}, stats=dict(self.stats),
+                            provenance=prov, value=None if self.value is None else self.value[at])
 
     @classmethod
     def concat(cls, parts: Sequence["TargetResult"]) -> "TargetResult":

@@ -171,3 +171,36 @@ def test_bad_target_files_and_stale_targets_are_refused(fresh, tokenizer, covari
         _editor(m, tokenizer, covariances, "memit").save_targets(tr, tmp_path / "x.safetensors")
     with pytest.raises(HyperparameterError, match="after the previous request's"):
         _editor(m, tokenizer, covariances, "rome").compute_targets(REQUESTS)
+
+
+def test_targets_from_other_weights_only_when_allowed(fresh, tokenizer, covariances, tmp_path):
+    """Frozen targets (benchmarks/lifelong.py --frozen-targets): vectors computed on the unedited model,
+    refused on edited weights unless allow_other_weights, then selected out of order and edited to
+    exactly; re-saving them keeps the weights they came from; another base model is refused."""
+    m = fresh("llama")
+    ed = _editor(m, tokenizer, covariances, "memit", keep_history=False)
+    tr = ed.compute_targets(REQUESTS)
+    path = ed.save_targets(tr, tmp_path / "t.safetensors")
+    ed.edit(OTHER)
+    after = snapshot(m)
+    with pytest.raises(lmedit.CacheError, match="other weights"):
+        ed.load_targets(path)
+    frozen = ed.load_targets(path, allow_other_weights=True)
+    assert_same(m, after)
+    assert frozen.provenance["other_weights"] and torch.equal(frozen.targets, tr.targets)
+    picked = frozen.select([1, 0])
+    assert torch.equal(picked.targets, tr.targets.flip(0)) and torch.equal(picked.steps, tr.steps.flip(0))
+    assert picked.provenance["requests"] == list(reversed(frozen.provenance["requests"]))
+    with pytest.raises(IndexError, match="out of range"):
+        frozen.select([2])
+    res = ed.edit(list(reversed(REQUESTS)), targets=picked)
+    assert torch.equal(res.targets.targets, picked.targets)  # moved to the given vectors, none optimised
+    assert all(float(res.deltas[l].norm()) > 0 for l in res.layers)
+    # re-saved, they still say they describe the unedited weights: a fresh Editor there takes them as they are
+    again = ed.save_targets(ed.load_targets(path, allow_other_weights=True), tmp_path / "again.safetensors")
+    twin = fresh("llama")
+    assert torch.equal(_editor(twin, tokenizer, covariances, "memit").load_targets(again).targets, tr.targets)
+    # another base model (other weights from the start): refused even with the option
+    other = fresh("llama", seed=1)
+    with pytest.raises(lmedit.CacheError, match="another base model"):
+        _editor(other, tokenizer, covariances, "memit").load_targets(path, allow_other_weights=True)

@@ -23,16 +23,20 @@ OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all
 ``--frozen-targets DIR`` is a cheaper protocol for comparing what the solvers do: every batch reuses
 target vectors precomputed on the unedited model (``benchmarks/distributions.py`` writes them,
 ``DIR/*.safetensors``) instead of optimising them on the model as it is, so an edit costs its keys
-and solves only (about 20x less on CPU), every method moves to the same targets, and the
+and solves only (15-20x less on CPU), every method moves to the same targets, and the
 run-to-run spread that target optimisation brings (other thread counts round differently) is gone.
 The methods' target settings become those the vectors were computed with; MPES, a target setting,
-plays no part. Later batches' targets no longer see the earlier edits, so the rows are a protocol of
-their own, not the full one's: compare them with each other (and ENCORE's with its full run).
+plays no part. A target is an absolute output (the unedited output plus its delta), so once earlier
+edits have moved a later batch's subjects, that batch's residual also asks to undo the move: the
+protocol is harsher than the full one (results/README.md), a protocol of its own. Compare its rows
+with each other, not with full runs. ``--frozen-mode delta`` re-bases every target on the model as
+it is (the subject's output now plus the precomputed delta), so a batch asks for its change alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -46,6 +50,7 @@ import lmedit
 from lmedit._fs import atomic_path
 from lmedit._runtime import configure_threads, release_freed_memory
 from lmedit.cli import parse_value
+from lmedit.core.keys import residual_stream
 from lmedit.core.corpus import load_corpus
 from lmedit.evaluate.retention import RetentionProbe, relative_change
 from lmedit.evaluate.runner import evaluate_requests
@@ -173,7 +178,10 @@ class FrozenTargets:
                              f"computed with {self.config}")
         return {**self.config, **own}
 
-    def for_batch(self, editor, batch: list) -> "lmedit.TargetResult":
+    def for_batch(self, editor, batch: list, mode: str = "absolute") -> "lmedit.TargetResult":
+        """The batch's precomputed vectors; ``mode="delta"`` re-bases each on the current model (target =
+        the subject's block output now + the delta optimised on the unedited model), so that an edit asks
+        for the change alone and not also to undo what earlier edits did to the subject."""
         keys = [(r.prompt, r.subject, r.target_new) for r in batch]
         missing = [k for k in keys if k not in self.where]
         if missing:
@@ -182,7 +190,13 @@ class FrozenTargets:
         files = list(dict.fromkeys(self.where[k][0] for k in keys))
         offsets = {f: sum(self.size[g] for g in files[:i]) for i, f in enumerate(files)}
         joined = lmedit.TargetResult.concat([editor.load_targets(f, allow_other_weights=True) for f in files])
-        return joined.select([offsets[self.where[k][0]] + self.where[k][1] for k in keys])
+        picked = joined.select([offsets[self.where[k][0]] + self.where[k][1] for k in keys])
+        if mode == "absolute":
+            return picked
+        if self.anchor != "block":
+            raise SystemExit(f"--frozen-mode delta re-bases block-output targets; these are at {self.anchor!r}")
+        now = residual_stream(editor.model, editor.tokenizer, editor.adapter, batch, self.layer)
+        return dataclasses.replace(picked, targets=now + picked.delta, init=now)
 
 
 def frozen_targets(args) -> FrozenTargets:
@@ -233,7 +247,8 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
     path = Path(args.out) / f"{label}.json"
     state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
-    frozen_dir = args.frozen_targets and str(Path(args.frozen_targets))
+    frozen_dir = args.frozen_targets and str(Path(args.frozen_targets)) + ("" if args.frozen_mode == "absolute"
+                                                                          else f" ({args.frozen_mode})")
     if state["rows"] and state.get("frozen_targets") != frozen_dir:
         raise SystemExit(f"{path} was begun {'with --frozen-targets ' + str(state.get('frozen_targets')) if state.get('frozen_targets') else 'without --frozen-targets'}; "
                          "resume it the same way (or write to another --out)")
@@ -279,7 +294,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         if args.until and n_done > args.until:
             break
         t0 = time.perf_counter()
-        res = editor.edit(batch, targets=frozen.for_batch(editor, batch) if frozen else None)
+        res = editor.edit(batch, targets=frozen.for_batch(editor, batch, args.frozen_mode) if frozen else None)
         state["edit_s"] += time.perf_counter() - t0
         state["targets_s"] += res.timings.get("targets_s", 0.0)
         # per batch: the phases' times and target steps (where a long run's time goes, batch by batch)
@@ -372,6 +387,9 @@ def main() -> int:
                     help="reuse target vectors precomputed on the unedited model (Editor.save_targets files, e.g. "
                          "results/distributions/targets/counterfact_train_10000) for every batch: the solvers "
                          "compared on equal targets at a twentieth of the cost (see the module docstring)")
+    ap.add_argument("--frozen-mode", choices=("absolute", "delta"), default="absolute",
+                    help="absolute: each batch moves its subjects' outputs to the precomputed targets; delta: by the "
+                         "precomputed change from where they are now (see the module docstring)")
     ap.add_argument("--out", default="results/lifelong")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()

@@ -501,8 +501,8 @@ class Editor:
             if width is None or tuple(result.targets.shape[1:]) != (width,):
                 raise CacheError(f"targets file {path} holds vectors of shape {tuple(result.targets.shape[1:])} "
                                  f"for layer {layer}; this model's are ({width},)")
-        result.provenance = {**{k: v for k, v in prov.items() if k != "weights"}, "editor": self._id,
-                             "weights_state": self.weights_state()}
+        result.provenance = {**{k: v for k, v in prov.items() if k not in ("weights", "base")}, "editor": self._id,
+                             "weights_state": self.weights_state()}  # checked above; files with and without join
         if prov.get("weights") != digest:
             result.provenance["other_weights"] = prov.get("weights")
         return result

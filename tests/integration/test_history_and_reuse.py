@@ -200,7 +200,48 @@ def test_targets_from_other_weights_only_when_allowed(fresh, tokenizer, covarian
     again = ed.save_targets(ed.load_targets(path, allow_other_weights=True), tmp_path / "again.safetensors")
     twin = fresh("llama")
     assert torch.equal(_editor(twin, tokenizer, covariances, "memit").load_targets(again).targets, tr.targets)
+    # a file written before the base model was recorded joins one written after it
+    from lmedit.core.targets import read_targets, write_targets
+    res_old, prov = read_targets(again)
+    write_targets(tmp_path / "old.safetensors", res_old, {k: v for k, v in prov.items() if k != "base"})
+    both = lmedit.TargetResult.concat([ed.load_targets(p, allow_other_weights=True)
+                                       for p in (again, tmp_path / "old.safetensors")])
+    assert len(both.provenance["requests"]) == 4 and both.provenance["other_weights"]
     # another base model (other weights from the start): refused even with the option
     other = fresh("llama", seed=1)
     with pytest.raises(lmedit.CacheError, match="another base model"):
         _editor(other, tokenizer, covariances, "memit").load_targets(path, allow_other_weights=True)
+
+
+def test_lifelong_frozen_targets_absolute_and_delta(fresh, tokenizer, covariances, tmp_path):
+    """benchmarks/lifelong.py's FrozenTargets: a batch gets its precomputed vectors in its own order;
+    in delta mode re-based on the model as it is now; a request without one, or a --set that changes
+    the target settings, stops the run with its reason."""
+    import importlib.util
+    from pathlib import Path
+
+    from lmedit.core.keys import residual_stream
+
+    spec = importlib.util.spec_from_file_location("lifelong", Path(__file__).parents[2] / "benchmarks" / "lifelong.py")
+    lifelong = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lifelong)
+    m = fresh("llama")
+    ed = _editor(m, tokenizer, covariances, "memit", keep_history=False)
+    tr = ed.compute_targets(REQUESTS)
+    ed.save_targets(tr, tmp_path / "t.safetensors")
+    frozen = lifelong.FrozenTargets(tmp_path)
+    assert frozen.layer == 2 and frozen.config == tr.provenance["config"]
+    ed.edit(OTHER)
+    batch = list(reversed(REQUESTS))
+    absolute = frozen.for_batch(ed, batch)
+    assert torch.equal(absolute.targets, tr.targets.flip(0))
+    delta = frozen.for_batch(ed, batch, "delta")
+    now = residual_stream(m, tokenizer, ed.adapter, batch, 2)
+    assert torch.equal(delta.init, now) and torch.equal(delta.targets, now + tr.delta.flip(0))
+    assert not torch.allclose(delta.targets, absolute.targets)  # the edit of OTHER moved these subjects
+    res = ed.edit(batch, targets=delta)
+    assert torch.equal(res.targets.targets, delta.targets)
+    with pytest.raises(SystemExit, match="no precomputed target"):
+        frozen.for_batch(ed, OTHER)
+    with pytest.raises(SystemExit, match="changes target settings"):
+        frozen.overrides("m", {"v_lr": tr.provenance["config"]["v_lr"] * 2})

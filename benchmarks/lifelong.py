@@ -23,7 +23,7 @@ OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all
 ``--frozen-targets DIR`` is a cheaper protocol for comparing what the solvers do: every batch reuses
 target vectors precomputed on the unedited model (``benchmarks/distributions.py`` writes them,
 ``DIR/*.safetensors``) instead of optimising them on the model as it is, so an edit costs its keys
-and solves only (15-20x less on CPU), every method moves to the same targets, and the
+and solves only (17-27 s against 300-430 s a batch of 100 on two threads), every method moves to the same targets, and the
 run-to-run spread that target optimisation brings (other thread counts round differently) is gone.
 The methods' target settings become those the vectors were computed with; MPES, a target setting,
 plays no part. A target is an absolute output (the unedited output plus its delta), so once earlier
@@ -48,7 +48,7 @@ import torch
 
 import lmedit
 from lmedit._fs import atomic_path
-from lmedit._runtime import configure_threads, release_freed_memory
+from lmedit._runtime import configure_threads
 from lmedit.cli import parse_value
 from lmedit.core.keys import residual_stream
 from lmedit.core.corpus import load_corpus
@@ -163,8 +163,8 @@ class FrozenTargets:
             for row, req in enumerate(prov.get("requests", [])):
                 self.where.setdefault(tuple(req), (f, row))
         if len(configs) != 1:
-            raise SystemExit(f"--frozen-targets: the files in {directory} were computed with {len(configs)} different "
-                             "layers, sites, settings or templates; keep one set per directory")
+            raise SystemExit(f"--frozen-targets: the files in {', '.join(map(str, directories))} were computed with "
+                             f"{len(configs)} different layers, sites, settings or templates; keep one set per directory")
         self.layer, self.anchor, self.config, self.templates = json.loads(configs.pop())
 
     def missing(self, requests: list) -> list:
@@ -186,17 +186,26 @@ class FrozenTargets:
         missing = [k for k in keys if k not in self.where]
         if missing:
             raise SystemExit(f"--frozen-targets: no precomputed target for {len(missing)} of the batch's requests, "
-                             f"e.g. {missing[0]}; compute them first (benchmarks/distributions.py --batch-sizes N --records N)")
+                             f"e.g. {missing[0]} (were --data or --n changed since the run began?)")
         files = list(dict.fromkeys(self.where[k][0] for k in keys))
         offsets = {f: sum(self.size[g] for g in files[:i]) for i, f in enumerate(files)}
         joined = lmedit.TargetResult.concat([editor.load_targets(f, allow_other_weights=True) for f in files])
+        if not joined.provenance:
+            raise SystemExit(f"--frozen-targets: {', '.join(f.name for f in files)} do not join (computed from other "
+                             "weights or settings); keep one set per directory")
         picked = joined.select([offsets[self.where[k][0]] + self.where[k][1] for k in keys])
         if mode == "absolute":
             return picked
         if self.anchor != "block":
             raise SystemExit(f"--frozen-mode delta re-bases block-output targets; these are at {self.anchor!r}")
         now = residual_stream(editor.model, editor.tokenizer, editor.adapter, batch, self.layer)
-        return dataclasses.replace(picked, targets=now + picked.delta, init=now)
+        return dataclasses.replace(picked, targets=now + picked.delta, init=now, value=None)  # v* no longer holds
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as recorded in a run's state: relative to the repository where it lies inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def frozen_targets(args) -> FrozenTargets:
@@ -210,6 +219,12 @@ def frozen_targets(args) -> FrozenTargets:
         editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet, **frozen.config)
         t0 = time.perf_counter()
         tr = editor.compute_targets(missing)
+        got = [tr.provenance["layer"], tr.provenance["anchor"], tr.provenance["config"], tr.provenance["templates"]]
+        if json.dumps(got, sort_keys=True) != json.dumps([frozen.layer, frozen.anchor, frozen.config, frozen.templates],
+                                                         sort_keys=True):
+            raise SystemExit("--frozen-targets: the embedded MEMIT preset with the files' settings computes targets at "
+                             "another site or with other templates than the files'; compute the missing ones with the "
+                             "tool that wrote them")
         extra.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(json.dumps(tr.provenance["requests"]).encode()).hexdigest()[:12]
         editor.save_targets(tr, extra / f"{digest}.safetensors")
@@ -247,8 +262,8 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
     path = Path(args.out) / f"{label}.json"
     state = json.loads(path.read_text()) if path.exists() else {"method": label, "rows": [], "edit_s": 0.0,
                                                                 "targets_s": 0.0}
-    frozen_dir = args.frozen_targets and str(Path(args.frozen_targets)) + ("" if args.frozen_mode == "absolute"
-                                                                          else f" ({args.frozen_mode})")
+    frozen_dir = args.frozen_targets and repo_relative(args.frozen_targets) + ("" if args.frozen_mode == "absolute"
+                                                                               else f" ({args.frozen_mode})")
     if state["rows"] and state.get("frozen_targets") != frozen_dir:
         raise SystemExit(f"{path} was begun {'with --frozen-targets ' + str(state.get('frozen_targets')) if state.get('frozen_targets') else 'without --frozen-targets'}; "
                          "resume it the same way (or write to another --out)")
@@ -302,7 +317,6 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         state.setdefault("batches", []).append({"edits": n_done, "edit_s": time.perf_counter() - t0, **phases,
                                                 "target_steps": int(res.targets.steps.sum())})
         state["hparams"] = editor.hparams.to_dict()  # with what the first batch measured (norm_reference)
-        release_freed_memory()
         print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
         if n_done % args.eval_every == 0 or i == len(batches) - 1:
             edited = [r for b in batches[: i + 1] for r in b]

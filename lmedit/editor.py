@@ -337,9 +337,9 @@ class Editor:
             # a property of the unedited model at this target layer and site: kept for later edits
             self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
         self._record(result)
-        # An edit frees gigabytes of temporaries; glibc keeps the freed pages fragmented in the heap, and
-        # a process that goes on editing then runs slower (a fixed forward + backward of the embedded
-        # model 20 % slower after ten batches, back to its first speed after this; results/README.md)
+        # An edit frees gigabytes of temporaries that glibc would keep in the process (resident memory
+        # growing edit after edit); costs milliseconds. It does not stop a long editing process from
+        # slowing down (benchmarks/heap_trim.py, results/README.md): that cause is not found yet.
         release_freed_memory()
         return result
 
@@ -468,11 +468,15 @@ class Editor:
         if prov.get("weights_state") != self.weights_state():
             raise HyperparameterError("the weights changed since these target vectors were computed; they no longer "
                                       "describe this model (undo back to that state, or compute them afresh)")
-        write_targets(path, targets, {**{k: v for k, v in prov.items()
-                                         if k not in ("editor", "weights_state", "other_weights")},
-                                      # vectors loaded with allow_other_weights keep the weights they came from
-                                      "weights": prov.get("other_weights") or self._weights_digest(),
-                                      "base": self.base_fingerprint})
+        keep = {k: v for k, v in prov.items() if k not in ("editor", "weights_state", "other_weights")}
+        if "other_weights" in prov:  # loaded with allow_other_weights: they keep the weights they came from
+            if prov["other_weights"] is None:
+                raise HyperparameterError("these target vectors came from a file that did not say which weights they "
+                                          "were computed on; they cannot be written as if they described any")
+            keep["weights"] = prov["other_weights"]  # (no "base": which one is not kept; the digest covers it)
+        else:
+            keep.update(weights=self._weights_digest(), base=self.base_fingerprint)
+        write_targets(path, targets, keep)
         return Path(path)
 
     def load_targets(self, path: str | Path, *, allow_other_weights: bool = False) -> TargetResult:

@@ -106,7 +106,7 @@ class TargetResult:
     value: torch.Tensor | None = None
 
     def part(self, start: int, stop: int) -> "TargetResult":
-        """The vectors of requests ``start:stop`` (e.g. one batch's share of a larger computation)."""
+        """The vectors of requests ``start:stop`` (e.g. one batch's share of a larger computation), copied."""
         return self.select(range(len(self.targets))[start:stop])
 
     def select(self, indices: Sequence[int]) -> "TargetResult":
@@ -118,7 +118,8 @@ class TargetResult:
             raise IndexError(f"select: an index is out of range for {n} requests")
         prov = dict(self.provenance)
         if "requests" in prov:
-            prov["requests"] = [list(prov["requests"])[i] for i in idx]
+            reqs = list(prov["requests"])
+            prov["requests"] = [reqs[i] for i in idx]
         at = torch.tensor(idx, dtype=torch.long)
         return TargetResult(**{k: getattr(self, k)[at] for k in _TENSORS}, stats=dict(self.stats),
                             provenance=prov, value=None if self.value is None else self.value[at])

@@ -23,14 +23,14 @@ OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all
 ``--frozen-targets DIR`` is a cheaper protocol for comparing what the solvers do: every batch reuses
 target vectors precomputed on the unedited model (``benchmarks/distributions.py`` writes them,
 ``DIR/*.safetensors``) instead of optimising them on the model as it is, so an edit costs its keys
-and solves only (17-27 s against 300-430 s a batch of 100 on two threads), every method moves to the same targets, and the
-run-to-run spread that target optimisation brings (other thread counts round differently) is gone.
-The methods' target settings become those the vectors were computed with; MPES, a target setting,
-plays no part. A target is an absolute output (the unedited output plus its delta), so once earlier
-edits have moved a later batch's subjects, that batch's residual also asks to undo the move: the
-protocol is harsher than the full one (results/README.md), a protocol of its own. Compare its rows
-with each other, not with full runs. ``--frozen-mode delta`` re-bases every target on the model as
-it is (the subject's output now plus the precomputed delta), so a batch asks for its change alone.
+and solves only (17-27 s against 300-430 s a batch of 100 on two threads), every method moves to
+the same targets, and the run-to-run spread that target optimisation brings (other thread counts
+round differently) is gone. The methods' target settings become those the vectors were computed
+with; MPES, a target setting, plays no part. The targets no longer adapt to earlier edits, and the
+protocol measured harsher than the full one (results/README.md): compare its rows with each other,
+not with full runs. A target is an absolute output (the unedited output plus its delta);
+``--frozen-mode delta`` re-bases it on the model as it is (the subject's output now plus the
+precomputed delta), which measured worse still.
 """
 
 from __future__ import annotations

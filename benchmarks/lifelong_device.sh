@@ -7,8 +7,10 @@
 #   here, once:  benchmarks/lifelong_device.sh --prepare   (writes .gpuA/ and .gpuB/, both git-excluded)
 #   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
 #                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
-# (--profile: first benchmarks/target_profile.py on one batch of 100, as it runs by default into
-# $OUT/profile/ and with every bucket merged into one pass a step into $OUT/profile_merged/)
+#                (--profile with no LIFELONG ARGS profiles and stops)
+# (--profile: first benchmarks/target_profile.py on one batch of 100, as it runs by default on a GPU
+# (one chunk, one pass a step) into $OUT/profile/ and in the CPU's layout into $OUT/profile_cpu_layout/;
+# under the profiler the latter took over 280 s on an H200 and may not finish in its time)
 # A call carries the tracked tree too (64 MiB in all): the committed target vectors of the distribution
 # sweep (results/distributions/targets, 38 MB) must stay behind, e.g. `mv` the folder out of the tree and
 # `git rm -r -q --cached` it for the calls, then move it back and `git reset -q -- results/distributions/targets`.
@@ -56,12 +58,13 @@ echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
 if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes (benchmarks/target_profile.py)
   shift
-  for arm in "profile" "profile_merged --pass-tokens 100000 --set chunk_requests=128"; do  # as now; one pass a step
+  for arm in "profile" "profile_cpu_layout --pass-tokens 32 --set chunk_requests=64"; do  # the GPU's layout; the CPU's
     read -r name extra <<< "$arm"
     timeout $(( ${DEADLINE:-560} / 4 )) $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
       --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
       --out "${OUT:-/tmp}/$name" $extra 2>&1 | grep -v Warning | tail -70
   done
+  [ $# -eq 0 ] && exit 0  # --profile alone: no lifelong run after it
 fi
 OUTDIR=/tmp/lmedit-lifelong
 mkdir -p "$OUTDIR"

@@ -41,8 +41,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--pass-tokens", type=int, default=None,
-                    help="what one suffix pass costs in tokens when buckets are merged (lmedit.core.layout."
-                         "PASS_TOKENS, 32, measured on a CPU); a large value merges every bucket into one pass a step")
+                    help="what one suffix pass costs in tokens when buckets are merged, on any device (default "
+                         "lmedit.core.layout.PASS_TOKENS: 32 on a CPU, 100,000 on an accelerator, i.e. one pass a step)")
     ap.add_argument("--out", default="results/target_profile")
     args = ap.parse_args()
     configure_threads()
@@ -52,7 +52,7 @@ def main() -> int:
     if args.pass_tokens is not None:
         from lmedit.core import layout
 
-        layout.PASS_TOKENS = args.pass_tokens
+        layout.PASS_TOKENS = {kind: args.pass_tokens for kind in layout.PASS_TOKENS}
     model, tok = lmedit.load_model(args.model, device_map=args.device_map)
     requests = lmedit.load_requests(args.data, limit=args.n + 4)
     cuda = next(model.parameters()).device.type == "cuda"

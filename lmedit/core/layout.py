@@ -112,14 +112,24 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
     )
 
 
-# What one pass of a bucket costs beyond its tokens, in tokens: each pass reads every weight of the
-# resumed blocks and the head once and runs the decoder's per-layer Python, which for a few rows costs
-# as much as about this many tokens of work (measured on a 2-core CPU with the embedded model: a
-# 1-row matmul of a 576 x 1,536 bf16 weight takes as long as about 30 rows; benchmarks/floors.py).
-PASS_TOKENS = 32
+# What one pass of a bucket costs beyond its tokens, in tokens, by the device type the pass runs on.
+# CPU: each pass reads every weight of the resumed blocks and the head once and runs the decoder's
+# per-layer Python, which for a few rows costs as much as about 32 tokens of work (measured on a 2-core
+# CPU with the embedded model: a 1-row matmul of a 576 x 1,536 bf16 weight takes as long as about 30
+# rows; benchmarks/floors.py). An accelerator: a pass costs its kernel launches, and a few thousand rows
+# more cost next to nothing, so every bucket is merged into one pass a step (on an H200 one ENCORE
+# batch of 100 of the embedded model: targets 21-32 s with CPU buckets and 64-request chunks, 3.0-4.7 s
+# in one pass and one chunk; benchmarks/target_layout.py). Other device types count as accelerators.
+PASS_TOKENS: dict[str, int] = {"cpu": 32, "accelerator": 100_000}
 
 
-def buckets(lay: TargetLayout, pass_tokens: int | None = None) -> list[Bucket]:
+def pass_cost(device: torch.device | str | None) -> int:
+    """:data:`PASS_TOKENS` for ``device`` (None: a CPU)."""
+    kind = "cpu" if device is None else torch.device(device).type
+    return PASS_TOKENS.get(kind, PASS_TOKENS["accelerator"])
+
+
+def buckets(lay: TargetLayout, pass_tokens: int | None = None, device: torch.device | str | None = None) -> list[Bucket]:
     """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
 
     A KL sequence needs one column, a rewrite sequence as many as reach its last target token.
@@ -127,10 +137,10 @@ def buckets(lay: TargetLayout, pass_tokens: int | None = None) -> list[Bucket]:
     neighbouring widths are merged where one wider pass costs less than separate ones (each pass
     counted as its rows x width plus ``pass_tokens``), which matters when there are few rows, e.g.
     a single request, whose lone KL row would otherwise make a pass of its own. ``pass_tokens``:
-    default :data:`PASS_TOKENS` (read at each call; ``benchmarks/target_profile.py --pass-tokens``
-    sets it to measure another cost, e.g. a GPU's, where a pass costs its kernel launches).
+    default :func:`pass_cost` of ``device``, the device the passes run on (read at each call;
+    ``benchmarks/target_profile.py --pass-tokens`` sets another cost to measure it).
     """
-    pass_tokens = PASS_TOKENS if pass_tokens is None else pass_tokens
+    pass_tokens = pass_cost(device) if pass_tokens is None else pass_tokens
     n_seq = lay.ids.shape[0]
     need = torch.ones(n_seq, dtype=torch.long, device=lay.ids.device)
     need.scatter_reduce_(0, lay.loss_rows, lay.loss_cols - lay.S + 1, reduce="amax", include_self=True)

@@ -74,7 +74,7 @@ class TargetConfig(Config):
                             choices=("loss", "most_probable"))
     mpes_extra_steps: int = param(2, "with early_stop='most_probable': a request stops at the (n+1)-th step "
                                   "at which target_new is the argmax on all its prompts", min=0)
-    chunk_requests: int = param(64, "requests optimised together (bounds memory)", min=1)
+    chunk_requests: int = param(0, "requests optimised together; 0: 64 on a CPU, all on an accelerator (either split further to fit the memory budget)", min=0)
     compute_dtype: str = param("model", "dtype of the optimisation's forward passes; 'auto': bfloat16 where its "
                                "matmuls are native (a bf16 copy of the model), else the model's", choices=COMPUTE_DTYPES)
 
@@ -269,11 +269,38 @@ def estimate_bytes(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, l
     return int(prefix_kv + kept + steps + logits)
 
 
+def resume_module(model: nn.Module, adapter: ModelAdapter, layer: int) -> nn.Module:
+    """The module the optimisation's passes resume at after block ``layer``: the next block, or the
+    final norm after the last."""
+    last = layer + 1 >= adapter.n_layers(model)
+    return adapter.final_norm_module(model) if last else adapter.block(model, layer + 1)
+
+
+def passes_device(model: nn.Module, adapter: ModelAdapter, layer: int) -> torch.device:
+    """Where the optimisation's passes after block ``layer`` run: the device of the module they resume
+    at, or of the head where that is a norm without weights."""
+    try:
+        return module_device(resume_module(model, adapter, layer))
+    except StopIteration:
+        return module_device(adapter.unembed_module(model))
+
+
+def default_chunk(device: torch.device | str | None, n_requests: int) -> int:
+    """How many requests to optimise together when ``chunk_requests`` is 0: 64 on a CPU, where a
+    chunk's cost grows with its rows and smaller chunks bound memory; on an accelerator all of them
+    (a step's cost there is mostly kernel launches, the same for one chunk as for two: see
+    :data:`lmedit.core.layout.PASS_TOKENS`); :func:`plan_chunks` splits either to fit the budget."""
+    kind = "cpu" if device is None else torch.device(device).type
+    return 64 if kind == "cpu" else max(1, n_requests)
+
+
 def plan_chunks(model: nn.Module, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
                 templates: Sequence[str], layer: int, chunk_requests: int, budget: int | None) -> list[tuple[int, int]]:
-    """(start, stop) of the chunks of requests optimised together: ``chunk_requests`` at a time,
-    halved where a chunk's :func:`estimate_bytes` exceeds ``budget`` (None: no bound). A request
-    that does not fit alone is refused before any work, naming it, its estimate and the budget."""
+    """(start, stop) of the chunks of requests optimised together: ``chunk_requests`` at a time
+    (0: :func:`default_chunk` for the model's device), halved where a chunk's :func:`estimate_bytes`
+    exceeds ``budget`` (None: no bound). A request that does not fit alone is refused before any
+    work, naming it, its estimate and the budget."""
+    chunk_requests = chunk_requests or default_chunk(passes_device(model, adapter, layer), len(requests))
     out, todo = [], [(s, min(s + chunk_requests, len(requests))) for s in range(0, len(requests), chunk_requests)]
     while todo:
         start, stop = todo.pop(0)
@@ -364,9 +391,8 @@ class _Resumed:
         self.post_norm = (adapter.resolve(adapter.block(model, layer), adapter.post_mlp_norm)
                           if pre.o_s is not None else None)
         self.ckw = cache_kwarg(self.decoder)
-        last = layer + 1 >= adapter.n_layers(model)
-        self.resume_at = adapter.final_norm_module(model) if last else adapter.block(model, layer + 1)
-        self.buckets = buckets(lay)
+        self.resume_at = resume_module(model, adapter, layer)
+        self.buckets = buckets(lay, device=passes_device(model, adapter, layer))
         self._kv: dict[int, tuple[torch.Tensor, KV | None]] = {}  # per bucket: (rows, their prefix KV)
         self.tokens = 0
 

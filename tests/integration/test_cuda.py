@@ -1,7 +1,8 @@
 """On a CUDA GPU (skipped elsewhere; run by ``benchmarks/gpu_check.sh`` on a GPU machine): edits of a
 model on the GPU, and of one split between the GPU and the CPU with accelerate, give the deltas of
-the CPU edit; each layer's float64 solve runs on the device its layer computes on; a lifelong
-Editor's ledger written from the GPU loads back onto a CPU model with the same weights."""
+the CPU edit (the GPU optimising targets in its own layout: one chunk, one pass a step); each
+layer's float64 solve runs on the device its layer computes on; a lifelong Editor's ledger written
+from the GPU loads back onto a CPU model with the same weights."""
 
 from __future__ import annotations
 
@@ -87,3 +88,22 @@ def test_lifelong_ledger_from_the_gpu_loads_on_the_cpu(make_tiny, tokenizer, cov
         a, b = adapter.weight(model, l).detach().cpu(), adapter.weight(cpu_twin, l).detach()
         assert float((a - b).norm() / a.norm()) < 1e-6
         assert torch.allclose(loaded.earlier[l], editor.earlier[l])
+
+
+@pytest.mark.parametrize("where", ["gpu", "split"])
+def test_the_target_layout_follows_where_the_passes_run(make_tiny, tokenizer, where):
+    """On the GPU every request goes into one chunk and every width into one pass a step; where the
+    blocks after the target layer compute on the CPU ("split", from block 2), the CPU's layout."""
+    from lmedit.core.layout import build_layout, buckets
+    from lmedit.core.targets import passes_device, plan_chunks
+
+    model = make_tiny("llama", seed=3)
+    model = model.to(GPU) if where == "gpu" else _dispatch(model, where)
+    adapter = get_adapter(model)
+    reqs = REQUESTS * 30
+    want = "cuda" if where == "gpu" else "cpu"
+    assert passes_device(model, adapter, 1).type == want
+    chunks = plan_chunks(model, tokenizer, adapter, reqs, ["{}"], 1, 0, None)
+    assert chunks == ([(0, 90)] if want == "cuda" else [(0, 64), (64, 90)])
+    lay = build_layout(tokenizer, reqs, ["{}", "Some context. {}"])
+    assert (len(buckets(lay, device=passes_device(model, adapter, 1))) == 1) == (want == "cuda")

@@ -47,6 +47,30 @@ def test_chunks_are_halved_under_the_budget_and_give_the_same_vectors(make_tiny,
     torch.testing.assert_close(split.targets, whole.targets, rtol=1e-4, atol=1e-5)
 
 
+def test_the_default_chunk_follows_the_device_the_passes_run_on(make_tiny, tokenizer, monkeypatch):
+    """chunk_requests=0 (the default): 64 requests a chunk on a CPU, all of them on an accelerator,
+    either halved under the budget like an explicit size."""
+    from lmedit.core import targets
+
+    assert TargetConfig().chunk_requests == 0
+    assert targets.default_chunk("cpu", 1000) == targets.default_chunk(None, 1000) == 64
+    assert targets.default_chunk("cuda", 1000) == targets.default_chunk(torch.device("cuda", 1), 1000) == 1000
+    assert targets.default_chunk("mps", 0) == 1
+    with pytest.raises(ValueError, match="chunk_requests"):
+        TargetConfig(chunk_requests=-1)
+    model = make_tiny("llama")
+    adapter = lmedit.get_adapter(model)
+    reqs = VARIED_REQUESTS * 30  # 90 requests
+    assert plan_chunks(model, tokenizer, adapter, reqs, TEMPLATES, 1, 0, None) == [(0, 64), (64, 90)]
+    seen = []
+    monkeypatch.setattr(targets, "default_chunk", lambda device, n: seen.append(str(device)) or n)
+    assert plan_chunks(model, tokenizer, adapter, reqs, TEMPLATES, 1, 0, None) == [(0, 90)]
+    assert plan_chunks(model, tokenizer, adapter, reqs, TEMPLATES, 1, 40, None) == [(0, 40), (40, 80), (80, 90)]
+    assert seen == ["cpu"]  # asked for the device of the blocks the passes resume at, and only when 0
+    sizes = [estimate_bytes(model, adapter, build_layout(tokenizer, reqs[a:b], TEMPLATES), 1) for a, b in ((0, 90), (0, 45))]
+    assert plan_chunks(model, tokenizer, adapter, reqs, TEMPLATES, 1, 0, sizes[1]) == [(0, 45), (45, 90)]
+
+
 def test_a_request_that_cannot_fit_is_refused_before_any_work(make_tiny, tokenizer, monkeypatch):
     model = make_tiny("llama")
     before = snapshot(model)

@@ -122,7 +122,7 @@ def test_targets_do_not_depend_on_bucket_merging(tiny_model, monkeypatch):
     hp = TargetConfig(v_num_grad_steps=4, v_lr=0.2, clamp_norm_factor=4.0, early_stop_loss=0.0)
     runs = {}
     for name, k in (("apart", 0), ("merged", 10 ** 9)):
-        monkeypatch.setattr(targets, "buckets", lambda lay, k=k: layout.buckets(lay, pass_tokens=k))
+        monkeypatch.setattr(targets, "buckets", lambda lay, k=k, device=None: layout.buckets(lay, pass_tokens=k))
         seen = []
         orig = targets._Resumed.__init__
 
@@ -137,3 +137,17 @@ def test_targets_do_not_depend_on_bucket_merging(tiny_model, monkeypatch):
     scale = float(runs["apart"].delta.norm())
     assert float((runs["merged"].delta - runs["apart"].delta).norm()) < 1e-2 * scale  # padding rounding only
     torch.testing.assert_close(runs["merged"].loss, runs["apart"].loss, rtol=1e-2, atol=1e-3)
+
+
+def test_the_pass_layout_follows_the_device(tokenizer):
+    """A CPU pass costs 32 tokens beyond its rows, so many rows keep their widths apart; on an
+    accelerator (any device type but the CPU) every width goes into one pass a step."""
+    from lmedit.core.layout import PASS_TOKENS, build_layout, buckets, pass_cost
+
+    assert pass_cost("cpu") == pass_cost(None) == PASS_TOKENS["cpu"] == 32
+    assert pass_cost("cuda") == pass_cost(torch.device("cuda", 0)) == pass_cost("xpu") == PASS_TOKENS["accelerator"]
+    lay = build_layout(tokenizer, REQUESTS * 20, TEMPLATES)
+    on_cpu, on_gpu = buckets(lay, device="cpu"), buckets(lay, device="cuda")
+    assert len(on_cpu) > 1 and len(on_gpu) == 1
+    assert sorted(torch.cat([b.seqs for b in on_cpu]).tolist()) == on_gpu[0].seqs.tolist() == list(range(lay.ids.shape[0]))
+    assert len(buckets(lay)) == len(on_cpu)  # no device given: a CPU's

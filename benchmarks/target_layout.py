@@ -1,0 +1,88 @@
+"""One batch's target vectors under the CPU's pass layout and under the accelerator's, timed in one process.
+
+Usage::
+
+    python benchmarks/target_layout.py [--model M] [--device-map cuda] [--method encore] [--n 100]
+        [--data FILE] [--set KEY=VALUE ...] [--repeats 2] [--out DIR]
+
+The target optimisation groups its sequences into passes by the columns their loss needs
+(``lmedit.core.layout.buckets``) and its requests into chunks (``chunk_requests``). Its defaults
+depend on the device the passes run on: on a CPU a pass costs about 32 tokens beyond its rows and
+chunks hold 64 requests; on an accelerator every bucket goes into one pass a step and all requests
+into one chunk (both split further only to fit the memory budget). This edits the first ``--n``
+records of ``--data`` with each layout in turn, alternating, ``--repeats`` times each (after one
+warm-up edit of 4 other records, undone), and prints each edit's phase times, the target vectors'
+difference between the layouts (padding changes float rounding only, which Adam and the
+stopping rule can amplify), and writes
+OUT/target_layout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmedit
+from lmedit._runtime import configure_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"
+LAYOUTS = {"cpu": ({"cpu": 32, "accelerator": 32}, 64), "accelerator": ({"cpu": 100_000, "accelerator": 100_000}, 0)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device-map", default=None)
+    ap.add_argument("--method", default="encore")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="results/target_layout")
+    args = ap.parse_args()
+    configure_threads()
+    from lmedit.cli import parse_value
+    from lmedit.core import layout
+
+    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.sets)}
+    model, tok = lmedit.load_model(args.model, device_map=args.device_map)
+    requests = lmedit.load_requests(args.data, limit=args.n + 4)
+    cuda = next(model.parameters()).device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    lmedit.Editor(model, tok, args.method, progress=False, **overrides).edit(requests[args.n:]).undo()
+    runs, targets = [], {}
+    for _ in range(args.repeats):
+        for name, (pass_tokens, chunk) in LAYOUTS.items():
+            layout.PASS_TOKENS = pass_tokens
+            sync()
+            t0 = time.perf_counter()
+            res = lmedit.Editor(model, tok, args.method, progress=False,
+                                **{**overrides, "chunk_requests": chunk}).edit(requests[: args.n])
+            sync()
+            runs.append({"layout": name, "wall_s": time.perf_counter() - t0, "timings": res.timings})
+            targets.setdefault(name, (res.targets.delta.float().cpu(), res.targets.steps.cpu()))
+            res.undo()
+            print(f"{name:12s} {runs[-1]['wall_s']:7.2f} s  " +
+                  "  ".join(f"{k} {v:.2f}" for k, v in res.timings.items()), flush=True)
+    (a, steps_a), (b, steps_b) = targets["cpu"], targets["accelerator"]
+    diff = float(((a - b).norm(dim=-1) / a.norm(dim=-1)).median())
+    same_steps = int((steps_a == steps_b).sum())
+    print(f"target deltas, the layouts' difference / the delta's norm: median {diff:.2e}; "
+          f"{same_steps} of {len(steps_a)} requests stopped at the same step")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"model": args.model or "embedded", "method": args.method, "n": args.n, "overrides": overrides,
+               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+               "runs": runs, "delta_rel_diff_median": diff, "same_steps": same_steps, "command": " ".join(sys.argv)}
+    (out / "target_layout.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

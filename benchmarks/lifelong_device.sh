@@ -8,9 +8,10 @@
 #   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
 #                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
 #                (--profile with no LIFELONG ARGS profiles and stops)
-# (--profile: first benchmarks/target_profile.py on one batch of 100, as it runs by default on a GPU
-# (one chunk, one pass a step) into $OUT/profile/ and in the CPU's layout into $OUT/profile_cpu_layout/;
-# under the profiler the latter took over 280 s on an H200 and may not finish in its time)
+# (--profile: first benchmarks/target_profile.py on one batch of 100 as it runs by default on a GPU
+# (one chunk, one pass a step) into $OUT/profile/, then benchmarks/target_layout.py, which times that
+# layout against the CPU's without the profiler, into $OUT/target_layout/; each gets DEADLINE/4 s.
+# The CPU's layout under the profiler did not finish in 150 s nor alone in 280 s on an H200.)
 # A call carries the tracked tree too (64 MiB in all): the committed target vectors of the distribution
 # sweep (results/distributions/targets, 38 MB) must stay behind, e.g. `mv` the folder out of the tree and
 # `git rm -r -q --cached` it for the calls, then move it back and `git reset -q -- results/distributions/targets`.
@@ -56,15 +57,18 @@ cp .gpuB/* "$W/"
 cat "$W"/lmedit-gguf.part? > "$W/$GGUF_NAME"
 echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
-if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes (benchmarks/target_profile.py)
+if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes, and the two layouts timed
   shift
-  for arm in "profile" "profile_cpu_layout --pass-tokens 32 --set chunk_requests=64"; do  # the GPU's layout; the CPU's
-    read -r name extra <<< "$arm"
-    timeout $(( ${DEADLINE:-560} / 4 )) $PY benchmarks/target_profile.py --model "$W/$GGUF_NAME" --device-map cuda \
-      --data "$W/data/counterfact_train_10000.json" --set mom2_corpus="$W/data/excerpt2064.jsonl" \
-      --out "${OUT:-/tmp}/$name" $extra 2>&1 | grep -v Warning | tail -70
-  done
-  [ $# -eq 0 ] && exit 0  # --profile alone: no lifelong run after it
+  common=(--model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json"
+          --set mom2_corpus="$W/data/excerpt2064.jsonl")
+  timeout $(( ${DEADLINE:-560} / 4 )) $PY benchmarks/target_profile.py "${common[@]}" --out "${OUT:-/tmp}/profile" \
+    2>&1 | grep -v Warning | tail -70
+  prc=${PIPESTATUS[0]}
+  timeout $(( ${DEADLINE:-560} / 4 )) $PY benchmarks/target_layout.py "${common[@]}" --out "${OUT:-/tmp}/target_layout" \
+    2>&1 | grep -v Warning | tail -10
+  lrc=${PIPESTATUS[0]}
+  echo "target_profile exit $prc, target_layout exit $lrc"
+  [ $# -eq 0 ] && exit $(( prc || lrc ))  # --profile alone: no lifelong run after it
 fi
 OUTDIR=/tmp/lmedit-lifelong
 mkdir -p "$OUTDIR"

@@ -38,8 +38,8 @@ from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.keys import collect_keys, state_bytes
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, plan_chunks, read_targets,
-                                 reference_norm, write_targets)
+from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, passes_device, plan_chunks,
+                                 read_targets, reference_norm, write_targets)
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
@@ -527,7 +527,7 @@ class Editor:
         """The chunks the target optimisation of ``reqs`` will run in under the memory budget (see
         :func:`lmedit.core.targets.plan_chunks`); estimated for the compute dtype it will run in."""
         device = model_device(self.model)
-        budget = memory_budget(device, self.memory_budget)
+        budget = memory_budget(passes_device(self.model, self.adapter, hp.layers[-1]), self.memory_budget)
         dtype = compute_dtype(hp.compute_dtype, device)
         scale = 1.0 if dtype is None else torch.finfo(dtype).bits / torch.finfo(model_dtype(self.model)).bits
         return plan_chunks(self.model, self.tokenizer, self.adapter, reqs, templates, hp.layers[-1],
@@ -677,6 +677,7 @@ class Editor:
             raise CacheError(f"ledger {ledger.path} holds no batch yet")
         last = dict(ledger.batches[-1]["hparams"])
         preset = last.pop("preset", None)
+        last.pop("chunk_requests", None)  # how to chunk is this machine's choice (the vectors do not depend on it)
         method = method or ledger.batches[-1]["method"]
         hp = get_method(method).hparams_cls.from_dict(last) if method == ledger.batches[-1]["method"] else None
         editor = cls(model, tokenizer, method, hparams=hp, preset=None if hp is not None else preset,

@@ -116,17 +116,18 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
 # CPU: each pass reads every weight of the resumed blocks and the head once and runs the decoder's
 # per-layer Python, which for a few rows costs as much as about 32 tokens of work (measured on a 2-core
 # CPU with the embedded model: a 1-row matmul of a 576 x 1,536 bf16 weight takes as long as about 30
-# rows; benchmarks/floors.py). An accelerator: a pass costs its kernel launches, and a few thousand rows
-# more cost next to nothing, so every bucket is merged into one pass a step (on an H200 one ENCORE
-# batch of 100 of the embedded model: targets 21-32 s with CPU buckets and 64-request chunks, 3.0-4.7 s
-# in one pass and one chunk; benchmarks/target_layout.py). Other device types count as accelerators.
-PASS_TOKENS: dict[str, int] = {"cpu": 32, "accelerator": 100_000}
+# rows; benchmarks/floors.py). CUDA: a pass costs its kernel launches, and more rows cost next to
+# nothing, so buckets merge into one pass a step unless that pass would carry over 100,000 tokens of
+# padding (on an H200 one ENCORE batch of 100 of the embedded model: targets 21-32 s with the CPU's
+# layout and 64-request chunks, 3.0-4.7 s in one pass and one chunk; results/gpu/target_layout/
+# h200_timings.json). Other device types (not measured) are costed as a CPU.
+PASS_TOKENS: dict[str, int] = {"cpu": 32, "cuda": 100_000}
 
 
 def pass_cost(device: torch.device | str | None) -> int:
     """:data:`PASS_TOKENS` for ``device`` (None: a CPU)."""
     kind = "cpu" if device is None else torch.device(device).type
-    return PASS_TOKENS.get(kind, PASS_TOKENS["accelerator"])
+    return PASS_TOKENS.get(kind, PASS_TOKENS["cpu"])
 
 
 def buckets(lay: TargetLayout, pass_tokens: int | None = None, device: torch.device | str | None = None) -> list[Bucket]:

@@ -74,7 +74,8 @@ class TargetConfig(Config):
                             choices=("loss", "most_probable"))
     mpes_extra_steps: int = param(2, "with early_stop='most_probable': a request stops at the (n+1)-th step "
                                   "at which target_new is the argmax on all its prompts", min=0)
-    chunk_requests: int = param(0, "requests optimised together; 0: 64 on a CPU, all on an accelerator (either split further to fit the memory budget)", min=0)
+    chunk_requests: int = param(0, "requests optimised together; 0: all up to 256 on a CUDA device, else 64 (either "
+                                "split further to fit the memory budget)", min=0)
     compute_dtype: str = param("model", "dtype of the optimisation's forward passes; 'auto': bfloat16 where its "
                                "matmuls are native (a bf16 copy of the model), else the model's", choices=COMPUTE_DTYPES)
 
@@ -285,21 +286,26 @@ def passes_device(model: nn.Module, adapter: ModelAdapter, layer: int) -> torch.
         return module_device(adapter.unembed_module(model))
 
 
+#: requests optimised together on a CUDA device when ``chunk_requests`` is 0, at most (one chunk of 100
+#: measured; :func:`estimate_bytes` was checked against peak memory on a CPU only, so bound the risk)
+CUDA_CHUNK = 256
+
+
 def default_chunk(device: torch.device | str | None, n_requests: int) -> int:
-    """How many requests to optimise together when ``chunk_requests`` is 0: 64 on a CPU, where a
-    chunk's cost grows with its rows and smaller chunks bound memory; on an accelerator all of them
-    (a step's cost there is mostly kernel launches, the same for one chunk as for two: see
-    :data:`lmedit.core.layout.PASS_TOKENS`); :func:`plan_chunks` splits either to fit the budget."""
+    """How many requests to optimise together when ``chunk_requests`` is 0: on CUDA all of them up to
+    :data:`CUDA_CHUNK` (a step there costs mostly kernel launches, about as much for 100 requests as
+    for 64, so fewer chunks mean fewer steps: see :data:`lmedit.core.layout.PASS_TOKENS`); elsewhere
+    64, where a chunk's cost grows with its rows. :func:`plan_chunks` splits either to fit the budget."""
     kind = "cpu" if device is None else torch.device(device).type
-    return 64 if kind == "cpu" else max(1, n_requests)
+    return max(1, min(n_requests, CUDA_CHUNK)) if kind == "cuda" else 64
 
 
 def plan_chunks(model: nn.Module, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
                 templates: Sequence[str], layer: int, chunk_requests: int, budget: int | None) -> list[tuple[int, int]]:
     """(start, stop) of the chunks of requests optimised together: ``chunk_requests`` at a time
-    (0: :func:`default_chunk` for the model's device), halved where a chunk's :func:`estimate_bytes`
-    exceeds ``budget`` (None: no bound). A request that does not fit alone is refused before any
-    work, naming it, its estimate and the budget."""
+    (0: :func:`default_chunk` for :func:`passes_device`), halved where a chunk's
+    :func:`estimate_bytes` exceeds ``budget`` (None: no bound). A request that does not fit alone
+    is refused before any work, naming it, its estimate and the budget."""
     chunk_requests = chunk_requests or default_chunk(passes_device(model, adapter, layer), len(requests))
     out, todo = [], [(s, min(s + chunk_requests, len(requests))) for s in range(0, len(requests), chunk_requests)]
     while todo:

@@ -90,10 +90,11 @@ def test_lifelong_ledger_from_the_gpu_loads_on_the_cpu(make_tiny, tokenizer, cov
         assert torch.allclose(loaded.earlier[l], editor.earlier[l])
 
 
-@pytest.mark.parametrize("where", ["gpu", "split"])
+@pytest.mark.parametrize("where", ["gpu", "split", "offload"])
 def test_the_target_layout_follows_where_the_passes_run(make_tiny, tokenizer, where):
-    """On the GPU every request goes into one chunk and every width into one pass a step; where the
-    blocks after the target layer compute on the CPU ("split", from block 2), the CPU's layout."""
+    """On the GPU every request goes into one chunk and every width into one pass a step, also where
+    the blocks after the target layer are offloaded (they compute on the GPU); where they compute
+    on the CPU ("split", from block 2), the CPU's layout."""
     from lmedit.core.layout import build_layout, buckets
     from lmedit.core.targets import passes_device, plan_chunks
 
@@ -101,7 +102,7 @@ def test_the_target_layout_follows_where_the_passes_run(make_tiny, tokenizer, wh
     model = model.to(GPU) if where == "gpu" else _dispatch(model, where)
     adapter = get_adapter(model)
     reqs = REQUESTS * 30
-    want = "cuda" if where == "gpu" else "cpu"
+    want = "cpu" if where == "split" else "cuda"
     assert passes_device(model, adapter, 1).type == want
     chunks = plan_chunks(model, tokenizer, adapter, reqs, ["{}"], 1, 0, None)
     assert chunks == ([(0, 90)] if want == "cuda" else [(0, 64), (64, 90)])

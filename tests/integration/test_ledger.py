@@ -42,6 +42,20 @@ def test_round_trip_is_bit_exact(uninterrupted, fresh, tokenizer):
     assert ed.method == "encore" and ed.hparams.update_norm_lambda == 10.0
 
 
+def test_a_loaded_ledger_does_not_pin_its_chunk_size(fresh, tokenizer, tmp_path):
+    """How many requests were optimised together is the writing machine's choice (the vectors do not
+    depend on it): a ledger written with chunks of 1 loads with this machine's default, or an override."""
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "l", chunk_requests=1)
+    ed.edit(REQUESTS[:1])
+    assert Ledger.open(tmp_path / "l").batches[-1]["hparams"]["chunk_requests"] == 1
+    again = lmedit.Editor.load(fresh("llama"), tokenizer, tmp_path / "l", covariances=spd_covariances(model, [1, 2]))
+    assert again.hparams.chunk_requests == 0 and again.hparams.update_norm_lambda == 10.0
+    pinned = lmedit.Editor.load(fresh("llama"), tokenizer, tmp_path / "l", covariances=spd_covariances(model, [1, 2]),
+                                chunk_requests=5)
+    assert pinned.hparams.chunk_requests == 5
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(uninterrupted, fresh, tokenizer, tmp_path, monkeypatch):
     path, weights, earlier = uninterrupted
     partial = tmp_path / "partial"

@@ -48,14 +48,15 @@ def test_chunks_are_halved_under_the_budget_and_give_the_same_vectors(make_tiny,
 
 
 def test_the_default_chunk_follows_the_device_the_passes_run_on(make_tiny, tokenizer, monkeypatch):
-    """chunk_requests=0 (the default): 64 requests a chunk on a CPU, all of them on an accelerator,
-    either halved under the budget like an explicit size."""
+    """chunk_requests=0 (the default): 64 requests a chunk on a CPU (and unmeasured device types),
+    all of them up to 256 on CUDA, either halved under the budget like an explicit size."""
     from lmedit.core import targets
 
     assert TargetConfig().chunk_requests == 0
-    assert targets.default_chunk("cpu", 1000) == targets.default_chunk(None, 1000) == 64
-    assert targets.default_chunk("cuda", 1000) == targets.default_chunk(torch.device("cuda", 1), 1000) == 1000
-    assert targets.default_chunk("mps", 0) == 1
+    assert targets.default_chunk("cpu", 1000) == targets.default_chunk(None, 1000) == targets.default_chunk("mps", 9) == 64
+    assert targets.default_chunk("cuda", 100) == targets.default_chunk(torch.device("cuda", 1), 100) == 100
+    assert targets.default_chunk("cuda", 1000) == targets.CUDA_CHUNK == 256
+    assert targets.default_chunk("cuda", 0) == 1
     with pytest.raises(ValueError, match="chunk_requests"):
         TargetConfig(chunk_requests=-1)
     model = make_tiny("llama")

@@ -140,14 +140,27 @@ def test_targets_do_not_depend_on_bucket_merging(tiny_model, monkeypatch):
 
 
 def test_the_pass_layout_follows_the_device(tokenizer):
-    """A CPU pass costs 32 tokens beyond its rows, so many rows keep their widths apart; on an
-    accelerator (any device type but the CPU) every width goes into one pass a step."""
+    """A CPU pass costs 32 tokens beyond its rows, so many rows keep their widths apart; on CUDA every
+    width goes into one pass a step; device types not measured are costed as a CPU."""
     from lmedit.core.layout import PASS_TOKENS, build_layout, buckets, pass_cost
 
-    assert pass_cost("cpu") == pass_cost(None) == PASS_TOKENS["cpu"] == 32
-    assert pass_cost("cuda") == pass_cost(torch.device("cuda", 0)) == pass_cost("xpu") == PASS_TOKENS["accelerator"]
+    assert pass_cost("cpu") == pass_cost(None) == pass_cost("xpu") == PASS_TOKENS["cpu"] == 32
+    assert pass_cost("cuda") == pass_cost(torch.device("cuda", 0)) == PASS_TOKENS["cuda"] == 100_000
     lay = build_layout(tokenizer, REQUESTS * 20, TEMPLATES)
     on_cpu, on_gpu = buckets(lay, device="cpu"), buckets(lay, device="cuda")
     assert len(on_cpu) > 1 and len(on_gpu) == 1
     assert sorted(torch.cat([b.seqs for b in on_cpu]).tolist()) == on_gpu[0].seqs.tolist() == list(range(lay.ids.shape[0]))
     assert len(buckets(lay)) == len(on_cpu)  # no device given: a CPU's
+
+
+def test_passes_after_the_last_block_run_where_the_head_is(make_tiny):
+    """After the last block the passes resume at the final norm; where it has no weights (OLMo's
+    tiny config), its device is the head's."""
+    from lmedit.core.targets import passes_device, resume_module
+
+    model = make_tiny("olmo")
+    adapter = get_adapter(model)
+    last = adapter.n_layers(model) - 1
+    assert resume_module(model, adapter, last) is adapter.final_norm_module(model)
+    assert passes_device(model, adapter, last).type == "cpu"
+    assert resume_module(model, adapter, 0) is adapter.block(model, 1)

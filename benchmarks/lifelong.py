@@ -213,12 +213,20 @@ def repo_relative(path: str | Path) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
+def edited_records(args) -> list:
+    """The records this run edits: --n of them from record --start of --data."""
+    records = lmedit.load_requests(args.data, limit=args.start + args.n)[args.start:]
+    if len(records) != args.n:
+        raise SystemExit(f"--start {args.start} --n {args.n}: {args.data} has only {args.start + len(records)} records")
+    return records
+
+
 def frozen_targets(args) -> FrozenTargets:
     """The --frozen-targets vectors, completed once (on the unedited model, into OUT/frozen_targets) with
     those the directory lacks for this run's requests (e.g. records its writer dropped as conflicts)."""
     extra = Path(args.out) / "frozen_targets"
     frozen = FrozenTargets(args.frozen_targets, extra)
-    reqs = [r for b in batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size) for r in b]
+    reqs = [r for b in batches_of(edited_records(args), args.batch_size) for r in b]
     if missing := frozen.missing(reqs):
         model, tok = load(args)
         editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet, **frozen.config)
@@ -249,9 +257,9 @@ def protected_facts(spec: str, args) -> tuple[list, float]:
     """Records START..STOP of --data (and the weight) of a ``START:STOP[@WEIGHT]`` protect spec."""
     span, _, weight = spec.partition("@")
     start, stop = (int(x) for x in span.split(":"))
-    if start < args.n:
-        raise SystemExit(f"--protect {spec}: records from {start} on overlap the {args.n} edited ones "
-                         f"(start at >= {args.n})")
+    if start < args.start + args.n and stop > args.start:
+        raise SystemExit(f"--protect {spec}: records {start}-{stop - 1} overlap the edited ones "
+                         f"({args.start}-{args.start + args.n - 1})")
     facts = lmedit.load_requests(args.data, limit=stop)[start:]
     if len(facts) != stop - start:
         raise SystemExit(f"--protect {spec}: {args.data} has only {start + len(facts)} records")
@@ -269,6 +277,10 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
                                                                 "targets_s": 0.0}
     frozen_dir = args.frozen_targets and repo_relative(args.frozen_targets) + ("" if args.frozen_mode == "absolute"
                                                                                else f" ({args.frozen_mode})")
+    if state["rows"] and state.get("start", 0) != args.start:
+        raise SystemExit(f"{path} edits records from {state.get('start', 0)} on; resume it with --start "
+                         f"{state.get('start', 0)} (or write to another --out)")
+    state["start"] = args.start
     if state["rows"] and state.get("frozen_targets") != frozen_dir:
         raise SystemExit(f"{path} was begun {'with --frozen-targets ' + str(state.get('frozen_targets')) if state.get('frozen_targets') else 'without --frozen-targets'}; "
                          "resume it the same way (or write to another --out)")
@@ -277,7 +289,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         overrides = frozen.overrides(label, overrides)
     model, tok = load(args)
     adapter = lmedit.get_adapter(model)
-    batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
+    batches = batches_of(edited_records(args), args.batch_size)
     W0 = editable_weights(model, adapter)  # before a ledger is replayed onto the model
     editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
     W0 = {l: W0[l] for l in editor.hparams.layers}
@@ -336,13 +348,15 @@ def unedited_reference(args) -> None:
     records (what the edited model's first-batch and all-edited scores compare with); once per OUT."""
     path = Path(args.out) / "unedited.json"
     if path.exists():
+        if json.loads(path.read_text()).get("start", 0) != args.start:
+            raise SystemExit(f"{path} scored records from another --start; write to another --out")
         return
     model, tok = load(args)
-    batches = batches_of(lmedit.load_requests(args.data, limit=args.n), args.batch_size)
+    batches = batches_of(edited_records(args), args.batch_size)
     edited = [r for b in batches for r in b][: args.sample_min]
     first, every = evaluate_requests(model, tok, batches[0]), evaluate_requests(model, tok, edited)
     save(path, {"first": {m: first[m] for m in KEYS}, f"first_{len(edited)}": {m: every[m] for m in KEYS},
-                "command": " ".join(sys.argv), "model": args.model or "embedded"})
+                "command": " ".join(sys.argv), "model": args.model or "embedded", "start": args.start})
 
 
 def write_tables(out: Path) -> None:
@@ -391,6 +405,8 @@ def main() -> int:
                     help="a corpus name or .jsonl/.txt file: its first 2,000 texts give the statistics (mom2_corpus, "
                          "unless --set gives another) and the --heldout after them the perplexity paragraphs")
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--start", type=int, default=0, help="edit the --n records from this one of --data on (a second "
+                    "sample of the same protocol; use another --out)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--until", type=int, default=0, help="stop each method at this many edits (continue later)")

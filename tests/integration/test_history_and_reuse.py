@@ -262,3 +262,27 @@ def test_lifelong_frozen_targets_absolute_and_delta(fresh, tokenizer, covariance
     other.save_targets(other.compute_targets(OTHER), tmp_path / "u.safetensors")
     with pytest.raises(SystemExit, match="2 different"):
         lifelong.FrozenTargets(tmp_path)
+
+
+def test_lifelong_start_picks_the_records_and_protect_refuses_an_overlap(tmp_path):
+    """benchmarks/lifelong.py --start: the --n records from --start; --protect may not overlap them."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("lifelong", Path(__file__).parents[2] / "benchmarks" / "lifelong.py")
+    lifelong = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lifelong)
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([{"prompt": "{} is in", "subject": f"S{i}", "target_new": "Paris", "target_true": "Rome"}
+                                for i in range(10)]))
+    args = argparse.Namespace(data=str(data), start=4, n=3)
+    assert [r.subject for r in lifelong.edited_records(args)] == ["S4", "S5", "S6"]
+    with pytest.raises(SystemExit, match="has only 10 records"):
+        lifelong.edited_records(argparse.Namespace(data=str(data), start=8, n=3))
+    assert [r.subject for r in lifelong.protected_facts("0:4", args)[0]] == ["S0", "S1", "S2", "S3"]
+    assert lifelong.protected_facts("7:10@3", args)[1] == 3.0
+    for overlapping in ("3:5", "6:8", "0:10"):
+        with pytest.raises(SystemExit, match="overlap the edited ones"):
+            lifelong.protected_facts(overlapping, args)

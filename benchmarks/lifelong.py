@@ -16,7 +16,8 @@ the same on the first batch, retention of the known facts the unedited model ans
 (``known_1209.json``; also among those whose subject no edit so far names, since an edit may rightly
 change a known fact of its subject) and their answers' mean token log-probability, perplexity on
 held-out Wikipedia paragraphs (after those used for the statistics), fluency of greedy
-continuations, and |W - W0| / |W0| per edited layer. ``--protect``
+continuations, and |W - W0| / |W0| per edited layer. ``--start S`` edits records S.. instead of
+0.. (a second sample of the same protocol, into another --out). ``--protect``
 puts the keys of other records of the data (never edited) into a method's preserved set first. Writes
 OUT/METHOD.json after every evaluation, then OUT/table.md and OUT/*.png over all methods.
 
@@ -191,7 +192,7 @@ class FrozenTargets:
         missing = [k for k in keys if k not in self.where]
         if missing:
             raise SystemExit(f"--frozen-targets: no precomputed target for {len(missing)} of the batch's requests, "
-                             f"e.g. {missing[0]} (were --data or --n changed since the run began?)")
+                             f"e.g. {missing[0]} (were --data, --start or --n changed since the run began?)")
         files = list(dict.fromkeys(self.where[k][0] for k in keys))
         offsets = {f: sum(self.size[g] for g in files[:i]) for i, f in enumerate(files)}
         joined = lmedit.TargetResult.concat([editor.load_targets(f, allow_other_weights=True) for f in files])
@@ -215,10 +216,27 @@ def repo_relative(path: str | Path) -> str:
 
 def edited_records(args) -> list:
     """The records this run edits: --n of them from record --start of --data."""
-    records = lmedit.load_requests(args.data, limit=args.start + args.n)[args.start:]
-    if len(records) != args.n:
-        raise SystemExit(f"--start {args.start} --n {args.n}: {args.data} has only {args.start + len(records)} records")
-    return records
+    if args.start < 0:
+        raise SystemExit(f"--start {args.start}: must be 0 or more")
+    records = lmedit.load_requests(args.data, limit=args.start + args.n)
+    if len(records) != args.start + args.n:
+        raise SystemExit(f"--start {args.start} --n {args.n}: {args.data} has only {len(records)} records")
+    return records[args.start:]
+
+
+def check_start(args, labels: list[str]) -> None:
+    """Before any work: the run's records are those --out began with, and not among the fluency prompts'."""
+    out = Path(args.out)
+    for path in [out / "unedited.json"] + [out / f"{label}.json" for label in labels]:
+        if path.exists():
+            begun = json.loads(path.read_text()).get("start", 0)
+            if begun != args.start:
+                raise SystemExit(f"{path} was begun with --start {begun}; resume it with --start {begun} "
+                                 "(or write to another --out)")
+    n_records = len(json.loads(Path(args.data).read_text()))
+    if args.start + args.n > n_records - args.fluency_prompts:
+        raise SystemExit(f"--start {args.start} --n {args.n}: the fluency prompts come from the last "
+                         f"{args.fluency_prompts} of the {n_records} records of {args.data}, which must stay unedited")
 
 
 def frozen_targets(args) -> FrozenTargets:
@@ -277,10 +295,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
                                                                 "targets_s": 0.0}
     frozen_dir = args.frozen_targets and repo_relative(args.frozen_targets) + ("" if args.frozen_mode == "absolute"
                                                                                else f" ({args.frozen_mode})")
-    if state["rows"] and state.get("start", 0) != args.start:
-        raise SystemExit(f"{path} edits records from {state.get('start', 0)} on; resume it with --start "
-                         f"{state.get('start', 0)} (or write to another --out)")
-    state["start"] = args.start
+    state["start"] = args.start  # check_start refused another one before any work
     if state["rows"] and state.get("frozen_targets") != frozen_dir:
         raise SystemExit(f"{path} was begun {'with --frozen-targets ' + str(state.get('frozen_targets')) if state.get('frozen_targets') else 'without --frozen-targets'}; "
                          "resume it the same way (or write to another --out)")
@@ -348,8 +363,6 @@ def unedited_reference(args) -> None:
     records (what the edited model's first-batch and all-edited scores compare with); once per OUT."""
     path = Path(args.out) / "unedited.json"
     if path.exists():
-        if json.loads(path.read_text()).get("start", 0) != args.start:
-            raise SystemExit(f"{path} scored records from another --start; write to another --out")
         return
     model, tok = load(args)
     batches = batches_of(edited_records(args), args.batch_size)
@@ -416,8 +429,8 @@ def main() -> int:
     ap.add_argument("--fluency-prompts", type=int, default=64)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--protect", action="append", default=[], metavar="LABEL=START:STOP[@WEIGHT]",
-                    help="before LABEL's first batch, Editor.protect() records START..STOP of --data (after the "
-                         "edited ones), each key with WEIGHT (default 1) in the preserved set")
+                    help="before LABEL's first batch, Editor.protect() records START..STOP of --data (not among "
+                         "the edited ones), each key with WEIGHT (default 1) in the preserved set")
     ap.add_argument("--frozen-targets", default=None, metavar="DIR",
                     help="reuse target vectors precomputed on the unedited model (Editor.save_targets files, e.g. "
                          "results/distributions/targets/counterfact_train_10000) for every batch: the solvers "
@@ -437,9 +450,11 @@ def main() -> int:
     protect = dict(item.split("=", 1) for item in args.protect)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    entries = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_start(args, [e.partition("=")[0] for e in entries])
     frozen = frozen_targets(args) if args.frozen_targets else None
     unedited_reference(args)
-    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for entry in entries:
         label, _, method = entry.partition("=")
         own = overrides.get(label, {})
         if args.corpus != "wikipedia-excerpt":  # the statistics read the same corpus's first 2,000 texts

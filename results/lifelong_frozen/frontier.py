@@ -40,10 +40,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    placed: list[tuple[float, float]] = []
     for name, r in rows:
-        ax.scatter(r["known_retention"], r["all_efficacy_score"], color="C0")
-        ax.annotate(name, (r["known_retention"], r["all_efficacy_score"]), fontsize=8,
-                    xytext=(3, 3), textcoords="offset points")
+        x, y = r["known_retention"], r["all_efficacy_score"]
+        ax.scatter(x, y, color="C0")
+        near = sum(abs(x - px) < 6 and abs(y - py) < 4 for px, py in placed)  # stack labels of close points
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 3 - 10 * near), textcoords="offset points")
+        placed.append((x, y))
     ax.add_patch(plt.Rectangle((95, 97), 5, 3, color="C2", alpha=0.4, label="issue 12's goal"))
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)

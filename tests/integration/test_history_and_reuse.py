@@ -265,7 +265,8 @@ def test_lifelong_frozen_targets_absolute_and_delta(fresh, tokenizer, covariance
 
 
 def test_lifelong_start_picks_the_records_and_protect_refuses_an_overlap(tmp_path):
-    """benchmarks/lifelong.py --start: the --n records from --start; --protect may not overlap them."""
+    """benchmarks/lifelong.py --start (no model): the --n records from --start; --protect may not overlap
+    them; an --out begun with another --start, or records the fluency prompts come from, are refused."""
     import argparse
     import importlib.util
     import json
@@ -286,3 +287,20 @@ def test_lifelong_start_picks_the_records_and_protect_refuses_an_overlap(tmp_pat
     for overlapping in ("3:5", "6:8", "0:10"):
         with pytest.raises(SystemExit, match="overlap the edited ones"):
             lifelong.protected_facts(overlapping, args)
+    with pytest.raises(SystemExit, match="must be 0 or more"):
+        lifelong.edited_records(argparse.Namespace(data=str(data), start=-1, n=3))
+    # before any work: an --out begun with another --start is refused, and the fluency prompts' records stay unedited
+    out = tmp_path / "out"
+    out.mkdir()
+    check = argparse.Namespace(data=str(data), start=4, n=3, out=str(out), fluency_prompts=2)
+    lifelong.check_start(check, ["a"])  # nothing begun yet
+    (out / "a.json").write_text(json.dumps({"rows": [{"edits": 0}], "start": 4}))
+    lifelong.check_start(check, ["a"])
+    (out / "unedited.json").write_text(json.dumps({"first": {}}))  # written before --start existed: start 0
+    with pytest.raises(SystemExit, match="begun with --start 0"):
+        lifelong.check_start(check, ["a"])
+    (out / "unedited.json").unlink()
+    with pytest.raises(SystemExit, match="begun with --start 4"):
+        lifelong.check_start(argparse.Namespace(**{**vars(check), "start": 0}), ["a"])
+    with pytest.raises(SystemExit, match="fluency prompts"):
+        lifelong.check_start(argparse.Namespace(**{**vars(check), "fluency_prompts": 4}), ["b"])

@@ -29,35 +29,24 @@ import torch
 
 import lmedit
 from lmedit._runtime import configure_threads
+from target_profile import batch_arguments, warmed_up  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"
 LAYOUTS = {"cpu": 32, "one pass": 100_000}  # what a pass costs beyond its rows, on every device type
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device-map", default=None)
-    ap.add_argument("--method", default="encore")
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    batch_arguments(ap)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="results/target_layout")
     args = ap.parse_args()
     configure_threads()
-    from lmedit.cli import parse_value
     from lmedit.core import layout
 
-    overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.sets)}
-    if "chunk_requests" in overrides:
+    if any(s.startswith("chunk_requests=") for s in args.sets):
         raise SystemExit("--set chunk_requests: each layout sets its own chunk (64 and --n)")
-    model, tok = lmedit.load_model(args.model, device_map=args.device_map)
-    requests = lmedit.load_requests(args.data, limit=args.n + 4)
-    cuda = next(model.parameters()).device.type == "cuda"
+    model, tok, requests, overrides, cuda = warmed_up(args)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    lmedit.Editor(model, tok, args.method, progress=False, **overrides).edit(requests[args.n:]).undo()
     runs, targets = [], {}
     for _ in range(args.repeats):
         for name, pass_tokens in LAYOUTS.items():

@@ -33,32 +33,44 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train_10000.json"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def batch_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a one-batch measurement (also ``benchmarks/target_layout.py``'s)."""
     ap.add_argument("--model", default=None)
     ap.add_argument("--device-map", default=None)
     ap.add_argument("--method", default="encore")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--pass-tokens", type=int, default=None,
-                    help="what one suffix pass costs in tokens when buckets are merged, on any device (default "
-                         "lmedit.core.layout.PASS_TOKENS: 32 on a CPU, 100,000 on an accelerator, i.e. one pass a step)")
-    ap.add_argument("--out", default="results/target_profile")
-    args = ap.parse_args()
-    configure_threads()
+
+
+def warmed_up(args) -> tuple:
+    """(model, tokenizer, the first --n + 4 requests, the --set overrides, whether on CUDA), after one
+    warm-up edit of the last 4 requests, undone bit for bit (statistics, context templates and
+    kernels are then ready, and the measured edit starts from the unedited model)."""
     from lmedit.cli import parse_value
 
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.sets)}
+    model, tok = lmedit.load_model(args.model, device_map=args.device_map)
+    requests = lmedit.load_requests(args.data, limit=args.n + 4)
+    cuda = next(model.parameters()).device.type == "cuda"
+    lmedit.Editor(model, tok, args.method, progress=False, **overrides).edit(requests[args.n:]).undo()
+    return model, tok, requests, overrides, cuda
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    batch_arguments(ap)
+    ap.add_argument("--pass-tokens", type=int, default=None,
+                    help="what one suffix pass costs in tokens when buckets are merged, on any device (default "
+                         "lmedit.core.layout.PASS_TOKENS: 32 on a CPU, 100,000 on CUDA, i.e. one pass a step)")
+    ap.add_argument("--out", default="results/target_profile")
+    args = ap.parse_args()
+    configure_threads()
     if args.pass_tokens is not None:
         from lmedit.core import layout
 
         layout.PASS_TOKENS = {kind: args.pass_tokens for kind in layout.PASS_TOKENS}
-    model, tok = lmedit.load_model(args.model, device_map=args.device_map)
-    requests = lmedit.load_requests(args.data, limit=args.n + 4)
-    cuda = next(model.parameters()).device.type == "cuda"
-    warm = lmedit.Editor(model, tok, args.method, progress=False, **overrides)
-    warm.edit(requests[args.n:]).undo()  # bit-exact: the profiled edit starts from the unedited model
+    model, tok, requests, overrides, cuda = warmed_up(args)
     editor = lmedit.Editor(model, tok, args.method, keep_history=False, progress=False, **overrides)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()

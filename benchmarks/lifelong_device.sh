@@ -6,7 +6,8 @@
 #
 #   here, once:  benchmarks/lifelong_device.sh --prepare   (writes .gpuA/ and .gpuB/, both git-excluded)
 #   there:       call 1 (carry .gpuA):  bash benchmarks/lifelong_device.sh --stage A
-#                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--profile] [LIFELONG ARGS ...]
+#                call 2 (carry .gpuB):  bash benchmarks/lifelong_device.sh --stage B [--tests] [--profile] [LIFELONG ARGS ...]
+#                (--tests: first tests/integration/test_cuda.py, with the converted model's tokenizer, at most 120 s)
 #                (--profile with no LIFELONG ARGS profiles and stops)
 # (--profile: first benchmarks/target_profile.py on one batch of 100 as it runs by default on a GPU
 # (one chunk, one pass a step) into $OUT/profile/, then benchmarks/target_layout.py, which times that
@@ -17,8 +18,12 @@
 # `git rm -r -q --cached` it for the calls, then move it back and `git reset -q -- results/distributions/targets`.
 # Call 2 joins the pieces, checks the sha256, converts, and runs benchmarks/lifelong.py with the model
 # on the GPU; results are packed into $OUT/lifelong.tgz every 20 s (so a run cut short still returns
-# what it finished) and once more at the end. Everything in call 2 ends by DEADLINE seconds (default
-# 560, under the device's 600 s a call); the exit status is lifelong.py's.
+# what it finished) and once more at the end. The ledgers stay on the machine: a call 2 repeated with
+# the same arguments resumes them, but only while the machine is warm (it is released when idle, about
+# 30 s after a call ends; once, a call sent right after a 555 s one found a fresh machine): keep the
+# reply short and send the next call at once. A fresh machine needs stage A again and starts over.
+# Everything in call 2 ends by DEADLINE seconds (default 560, under the device's 600 s a call); the
+# exit status is lifelong.py's.
 set -uo pipefail
 PY=${PY:-python3}
 W=${W:-/tmp/lmedit-w}
@@ -57,6 +62,15 @@ cp .gpuB/* "$W/"
 cat "$W"/lmedit-gguf.part? > "$W/$GGUF_NAME"
 echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
+if [ "${1:-}" = "--tests" ]; then  # first, the CUDA tests (tiny models) with the embedded model's tokenizer
+  shift
+  tok=$($PY -c "from lmedit.models.loading import converted_dir; print(converted_dir('$W/$GGUF_NAME'))" \
+        2>/dev/null | tail -1)
+  mkdir -p "${OUT:-/tmp}"
+  LMEDIT_TEST_TOKENIZER="$tok" timeout 120 $PY -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py \
+    > "${OUT:-/tmp}/cuda_tests.log" 2>&1
+  echo "CUDA tests exit $? ($OUT/cuda_tests.log): $(tail -1 "${OUT:-/tmp}/cuda_tests.log")"
+fi
 if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes, and the two layouts timed
   shift
   common=(--model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json"

@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/mpes.py [--n 32] [--method emmet] [--arms "early_stop=loss;early_stop=most_probable"]
-        [--out results/mpes] [--name speed.json]
+        [--out results/mpes] [--name speed.json] [--step-cost 1,4,16,64]
 
 Optimises the target vectors of the first ``--n`` CounterFact records (counterfact_500.json) with
 the method's preset on the embedded model, once with the loss stop and once with MPES
@@ -12,6 +12,11 @@ affects both alike (``--arms`` compares any settings the same way, e.g. the lear
 seconds per request, mean steps and the final probability of target_new
 (teacher forced on the optimisation prompts). Edit quality with each stop on 256 records:
 ``results/run_mpes.sh``. Writes OUT/speed.json.
+
+Why the time saved is less than the steps saved: ``--step-cost A1,A2,...`` also times one step
+(forward, backward, Adam: the difference between 6 steps and 1 with no early stop) of A requests
+each, in the last arm's settings, and estimates each arm's time from its requests' step counts as
+if a step cost what it costs at its number of active requests (interpolated).
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ def main() -> int:
                          "(the first arm is the baseline), e.g. 'v_lr=0.5;v_lr=1.0'")
     ap.add_argument("--out", default=str(ROOT / "results" / "mpes"))
     ap.add_argument("--name", default="speed.json")
+    ap.add_argument("--chunk", type=int, default=64, help="requests per chunk in the model of --step-cost "
+                    "(compute_targets' default on a CPU)")
+    ap.add_argument("--step-cost", default="", metavar="A1,A2,...",
+                    help="also time one step at these numbers of active requests (see the module's text)")
     args = ap.parse_args()
     threads = configure_threads()
     model, tok = lmedit.load_model()
@@ -56,7 +65,7 @@ def main() -> int:
             with working_copy(model, hp.compute_dtype) as work:
                 tr = compute_targets(work, tok, ed.adapter, reqs, flat, hp.layers[-1], hp, anchor=hp.site)
             got[arm].append({"seconds": time.perf_counter() - t, "mean_steps": float(tr.steps.float().mean()),
-                             "mean_target_prob": float(tr.target_prob.mean())})
+                             "mean_target_prob": float(tr.target_prob.mean()), "steps": tr.steps.tolist()})
             print(arm, got[arm][-1], flush=True)
     summary = {}
     for arm, runs in got.items():
@@ -64,6 +73,13 @@ def main() -> int:
                         "mean_steps": runs[0]["mean_steps"], "mean_target_prob": runs[0]["mean_target_prob"]}
     first, last = list(arms)[0], list(arms)[-1]
     summary["time_saved"] = 1 - summary[last]["s_per_request"] / summary[first]["s_per_request"]
+    summary["steps_saved"] = 1 - summary[last]["mean_steps"] / summary[first]["mean_steps"]
+    if args.step_cost:
+        sizes = sorted({int(a) for a in args.step_cost.split(",")})
+        cost = step_costs(model, tok, args.method, arms[last], reqs, sizes)
+        summary["step_cost_s"] = cost
+        for arm in arms:  # each arm's steps, costed at the number of requests still active at each step
+            summary[arm]["modelled_s_per_request"] = modelled(got[arm][0]["steps"], cost, args.chunk) / len(reqs)
     print(json.dumps(summary, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +87,44 @@ def main() -> int:
                                                 "n": len(reqs), "method": args.method, "runs": got,
                                                 "summary": summary}, indent=1))
     return 0
+
+
+def step_costs(model, tok, method: str, arm: dict, reqs, sizes: list[int]) -> dict[int, float]:
+    """Seconds of one step at A active requests: the time of 6 steps minus that of 1, over 5, with no
+    early stop (every request runs every step), the chunk of A requests' one-off costs cancelling;
+    each the faster of two runs."""
+    out = {}
+    for a in sizes:
+        sub = (reqs * (a // len(reqs) + 1))[:a]
+        t = {1: float("inf"), 6: float("inf")}
+        for k in (1, 6, 1, 6):
+            ed = lmedit.Editor(model, tok, method, **{**arm, "early_stop": "loss", "early_stop_loss": 0.0,
+                                                      "v_num_grad_steps": k})
+            hp, flat = ed.hparams, [x for g in ed.template_groups() for x in g]
+            start = time.perf_counter()
+            with working_copy(model, hp.compute_dtype) as work:
+                compute_targets(work, tok, ed.adapter, sub, flat, hp.layers[-1], hp, anchor=hp.site)
+            t[k] = min(t[k], time.perf_counter() - start)
+        out[a] = (t[6] - t[1]) / 5
+        print(f"one step at {a} active requests: {out[a]:.3f} s", flush=True)
+    return out
+
+
+def modelled(steps: list[int], cost: dict[int, float], chunk: int) -> float:
+    """Seconds the steps would take, each chunk of ``chunk`` requests in turn, a step costed at its
+    number of active requests (linear between the measured sizes, proportional beyond the largest)."""
+    sizes = sorted(cost)
+    def at(a: int) -> float:
+        if a >= sizes[-1]:
+            return cost[sizes[-1]] * a / sizes[-1]
+        hi = next(s for s in sizes if s >= a)
+        lo = max([s for s in sizes if s <= a], default=hi)
+        return cost[lo] if hi == lo else cost[lo] + (cost[hi] - cost[lo]) * (a - lo) / (hi - lo)
+    total = 0.0
+    for c in range(0, len(steps), chunk):
+        part = steps[c:c + chunk]
+        total += sum(at(sum(s > t for s in part)) for t in range(max(part)))
+    return total
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 # records (counterfact_500.json) edited by EMMET (embedded preset) in batches of 64, each batch from the
 # unedited model, once with the loss stop and once with MPES (mpes_extra_steps from the preset);
 # the JSONs' timings.targets_s is the target-vector time. Writes results/mpes/{loss,most_probable}.json.
+# METHOD=encore SETS="chat_prompts=off" TAG=encore_nochat_ writes results/mpes/encore_nochat_{loss,most_probable}.json
+# (issue 12: the same comparison with ENCORE's settings and no chat rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p results/mpes
+extra=()
+for s in ${SETS:-}; do extra+=(--set "$s"); done
 for stop in ${STOPS:-loss most_probable}; do
-  [ -s "results/mpes/$stop.json" ] && continue   # resumable: a finished arm is kept
+  out="results/mpes/${TAG:-}$stop.json"
+  [ -s "$out" ] && continue   # resumable: a finished arm is kept
   .venv/bin/lmedit eval --data ../shared/data/counterfact/counterfact_500.json --n 256 --batch-size 64 \
-    --method emmet --set early_stop=$stop --eval-dtype model --json --quiet > "results/mpes/$stop.json.tmp"
-  mv "results/mpes/$stop.json.tmp" "results/mpes/$stop.json"
+    --method "${METHOD:-emmet}" --set early_stop=$stop "${extra[@]}" --eval-dtype model --json --quiet > "$out.tmp"
+  mv "$out.tmp" "$out"
 done

@@ -130,7 +130,8 @@ def pass_cost(device: torch.device | str | None) -> int:
     return PASS_TOKENS.get(kind, PASS_TOKENS["cpu"])
 
 
-def buckets(lay: TargetLayout, pass_tokens: int | None = None, device: torch.device | str | None = None) -> list[Bucket]:
+def buckets(lay: TargetLayout, pass_tokens: int | None = None, device: torch.device | str | None = None,
+            among: torch.Tensor | None = None) -> list[Bucket]:
     """Group sequences by how many columns from S their loss needs (rounded up to a power of 2).
 
     A KL sequence needs one column, a rewrite sequence as many as reach its last target token.
@@ -139,15 +140,18 @@ def buckets(lay: TargetLayout, pass_tokens: int | None = None, device: torch.dev
     counted as its rows x width plus ``pass_tokens``), which matters when there are few rows, e.g.
     a single request, whose lone KL row would otherwise make a pass of its own. ``pass_tokens``:
     default :func:`pass_cost` of ``device``, the device the passes run on (read at each call;
-    ``benchmarks/target_profile.py --pass-tokens`` sets another cost to measure it).
+    ``benchmarks/target_profile.py --pass-tokens`` sets another cost to measure it). ``among``: (N,)
+    bool, lay out only these sequences (the active requests' once some have stopped: a few requests
+    left should not pay for the passes and widths laid out for many); default all.
     """
     pass_tokens = pass_cost(device) if pass_tokens is None else pass_tokens
     n_seq = lay.ids.shape[0]
+    among = torch.ones(n_seq, dtype=torch.bool, device=lay.ids.device) if among is None else among.to(lay.ids.device)
     need = torch.ones(n_seq, dtype=torch.long, device=lay.ids.device)
     need.scatter_reduce_(0, lay.loss_rows, lay.loss_cols - lay.S + 1, reduce="amax", include_self=True)
     width = torch.tensor([1 << int(math.ceil(math.log2(max(1, n)))) for n in need.tolist()], device=need.device)
-    width = torch.clamp(width, max=lay.ids.shape[1] - lay.S)
-    widths = sorted(set(width.tolist()))
+    width = torch.where(among, torch.clamp(width, max=lay.ids.shape[1] - lay.S), 0)  # 0: not laid out
+    widths = sorted(set(width[among].tolist()))
     out = []
     for lo, hi in _merged(widths, [int((width == w).sum()) for w in widths], pass_tokens):
         in_bucket = (width >= widths[lo]) & (width <= widths[hi])

@@ -398,7 +398,9 @@ class _Resumed:
                           if pre.o_s is not None else None)
         self.ckw = cache_kwarg(self.decoder)
         self.resume_at = resume_module(model, adapter, layer)
-        self.buckets = buckets(lay, device=passes_device(model, adapter, layer))
+        self.passes_on = passes_device(model, adapter, layer)
+        self.buckets = buckets(lay, device=self.passes_on)
+        self._laid_out = torch.ones(lay.ids.shape[0], dtype=torch.bool, device=lay.ids.device)  # sequences in buckets
         self._kv: dict[int, tuple[torch.Tensor, KV | None]] = {}  # per bucket: (rows, their prefix KV)
         self.tokens = 0
 
@@ -434,6 +436,9 @@ class _Resumed:
         active, act_idx = active.to(dev), act_req.to(dev)
         local = torch.full((B,), -1, dtype=torch.long, device=dev)
         local[act_idx] = torch.arange(len(act_idx), device=dev)  # request -> row of delta
+        seq_active = active[lay.req]
+        if not torch.equal(seq_active, self._laid_out):  # requests stopped: lay out the rest anew
+            self.buckets, self._laid_out, self._kv = buckets(lay, device=self.passes_on, among=seq_active), seq_active, {}
         nll = torch.zeros(len(act_req), device=out_dev)
         wrong = torch.zeros(len(act_req), device=out_dev)
         kl_logp = torch.zeros(len(act_req), self.unembed.weight.shape[0], device=out_dev)

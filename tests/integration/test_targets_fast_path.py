@@ -122,7 +122,7 @@ def test_targets_do_not_depend_on_bucket_merging(tiny_model, monkeypatch):
     hp = TargetConfig(v_num_grad_steps=4, v_lr=0.2, clamp_norm_factor=4.0, early_stop_loss=0.0)
     runs = {}
     for name, k in (("apart", 0), ("merged", 10 ** 9)):
-        monkeypatch.setattr(targets, "buckets", lambda lay, k=k, device=None: layout.buckets(lay, pass_tokens=k))
+        monkeypatch.setattr(targets, "buckets", lambda lay, k=k, device=None, among=None: layout.buckets(lay, pass_tokens=k, among=among))
         seen = []
         orig = targets._Resumed.__init__
 
@@ -151,6 +151,43 @@ def test_the_pass_layout_follows_the_device(tokenizer):
     assert len(on_cpu) > 1 and len(on_gpu) == 1
     assert sorted(torch.cat([b.seqs for b in on_cpu]).tolist()) == on_gpu[0].seqs.tolist() == list(range(lay.ids.shape[0]))
     assert len(buckets(lay)) == len(on_cpu)  # no device given: a CPU's
+
+
+def test_the_requests_left_are_laid_out_alone(tokenizer):
+    """Once requests stop, the rest get the passes they would get alone: one request left of 60 pays
+    for its own widths and merging, not for the buckets laid out for all 60."""
+    from lmedit.core.layout import build_layout, buckets
+
+    many = REQUESTS * 20
+    lay = build_layout(tokenizer, many, TEMPLATES)
+    for i in (0, len(REQUESTS) - 1):
+        among = lay.req == i  # request i (and its KL row) still active
+        alone = buckets(build_layout(tokenizer, [many[i]], TEMPLATES))
+        left = buckets(lay, among=among)
+        assert [b.width for b in left] == [b.width for b in alone]
+        assert sorted(torch.cat([b.seqs for b in left]).tolist()) == torch.nonzero(among).squeeze(1).tolist()
+        entries = torch.cat([b.entries for b in left])
+        assert bool(among[lay.loss_rows[entries]].all()) and len(entries) == int(among[lay.loss_rows].sum())
+    assert len(buckets(lay)) > len(buckets(lay, among=lay.req == 0))
+
+
+def test_targets_with_requests_stopping_early_match_those_of_one_layout(tiny_model, monkeypatch):
+    """Laying out the requests left anew after some stop (as MPES stops them) changes padding, not the
+    optimisation."""
+    from lmedit.core import targets
+
+    model, tok = tiny_model
+    adapter = get_adapter(model)
+    hp = TargetConfig(v_num_grad_steps=8, v_lr=0.5, clamp_norm_factor=4.0, early_stop_loss=0.0)
+    reached = sorted(compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp).loss.tolist())
+    # a loss stop the best request reaches within 8 steps and the others not: they stop at different steps
+    hp = dataclasses.replace(hp, v_num_grad_steps=16, early_stop_loss=(reached[0] + reached[1]) / 2)
+    new = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp)
+    assert len(set(new.steps.tolist())) > 1  # requests stopped at different steps: the layout changed
+    monkeypatch.setattr(targets, "buckets", lambda lay, device=None, among=None, b=targets.buckets: b(lay, device=device))
+    old = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp)
+    assert new.steps.tolist() == old.steps.tolist()
+    assert float((new.delta - old.delta).norm()) < 1e-3 * float(old.delta.norm())
 
 
 def test_passes_after_the_last_block_run_where_the_head_is(make_tiny):

@@ -32,7 +32,8 @@ Why it is fast (the reference runs the whole model over every position, one requ
 * blocks 0..layer do not change either: their output at columns >= S is computed once, and each
   step resumes the forward pass at block layer+1 from it;
 * logits are computed only where the loss needs them, not over the vocabulary at every position;
-* requests that stopped leave the batch.
+* requests that stopped leave the batch, and those left are laid out anew (passes and widths for
+  them alone: with MPES the last requests of a chunk would otherwise pay for everyone's padding).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ with open('.gpuA/data/excerpt2064.jsonl', 'w') as f:
 fi
 
 stage=${2:-}
-[ "${1:-}" = "--stage" ] || { echo "usage: $0 --prepare | --stage A | --stage B [lifelong.py args]"; exit 2; }
+[ "${1:-}" = "--stage" ] || { echo "usage: $0 --prepare | --stage A | --stage B [--tests] [--profile] [lifelong.py args]"; exit 2; }
 shift 2
 mkdir -p "$W"
 if [ "$stage" = A ]; then
@@ -64,12 +64,16 @@ echo "$(cat "$W/gguf.sha256")  $W/$GGUF_NAME" | sha256sum -c - || exit 1
 export PYTHONPATH=/tmp/site:$PWD LMEDIT_CACHE=$W/cache
 if [ "${1:-}" = "--tests" ]; then  # first, the CUDA tests (tiny models) with the embedded model's tokenizer
   shift
-  tok=$($PY -c "from lmedit.models.loading import converted_dir; print(converted_dir('$W/$GGUF_NAME'))" \
-        2>/dev/null | tail -1)
   mkdir -p "${OUT:-/tmp}"
-  LMEDIT_TEST_TOKENIZER="$tok" timeout 120 $PY -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py \
-    > "${OUT:-/tmp}/cuda_tests.log" 2>&1
-  echo "CUDA tests exit $? ($OUT/cuda_tests.log): $(tail -1 "${OUT:-/tmp}/cuda_tests.log")"
+  tok=$($PY -c "from lmedit.models.loading import converted_dir; print(converted_dir('$W/$GGUF_NAME'))" \
+        2> "${OUT:-/tmp}/convert.log" | tail -1)
+  if [ -d "$tok" ]; then
+    LMEDIT_TEST_TOKENIZER="$tok" timeout 120 $PY -m pytest -q -p no:cacheprovider tests/integration/test_cuda.py \
+      > "${OUT:-/tmp}/cuda_tests.log" 2>&1
+    echo "CUDA tests exit $? (${OUT:-/tmp}/cuda_tests.log): $(tail -1 "${OUT:-/tmp}/cuda_tests.log")"
+  else
+    echo "CUDA tests not run: the GGUF was not converted (${OUT:-/tmp}/convert.log):"; tail -5 "${OUT:-/tmp}/convert.log"
+  fi
 fi
 if [ "${1:-}" = "--profile" ]; then  # first, where one batch's target time goes, and the two layouts timed
   shift
@@ -90,9 +94,11 @@ pack() {  # a temporary name per call: the final pack may overlap the last perio
   local tmp; tmp=$(mktemp /tmp/lifelong-pack.XXXXXX)
   tar czf "$tmp" -C "$OUTDIR" --exclude ledgers . 2>/dev/null && mv "$tmp" "${OUT:-/tmp}/lifelong.tgz"
 }
+left=$(( ${DEADLINE:-560} - SECONDS - 10 ))
+[ "$left" -gt 30 ] || { echo "only $left s of DEADLINE left for lifelong.py: not started"; exit 1; }
 ( while sleep 20; do pack; done ) &
 packer=$!
-timeout $(( ${DEADLINE:-560} - SECONDS - 10 )) $PY benchmarks/lifelong.py --model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json" \
+timeout "$left" $PY benchmarks/lifelong.py --model "$W/$GGUF_NAME" --device-map cuda --data "$W/data/counterfact_train_10000.json" \
   --knowns "$W/data/known_1209.json" --corpus "$W/data/excerpt2064.jsonl" --out "$OUTDIR" --quiet "$@" \
   2>&1 | grep -v Warning | tee "$OUTDIR/run.log"
 rc=${PIPESTATUS[0]}

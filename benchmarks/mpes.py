@@ -83,10 +83,23 @@ def main() -> int:
     print(json.dumps(summary, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / args.name).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "threads": threads,
+    (out / args.name).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "code": code_version(),
+                                                "threads": threads,
                                                 "n": len(reqs), "method": args.method, "runs": got,
                                                 "summary": summary}, indent=1))
     return 0
+
+
+def code_version() -> str:
+    """The commit the benchmark ran from, with "+changes" if the work tree differed from it."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lmedit", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return head + ("+changes" if dirty else "")
 
 
 def step_costs(model, tok, method: str, arm: dict, reqs, sizes: list[int]) -> dict[int, float]:
@@ -112,7 +125,10 @@ def step_costs(model, tok, method: str, arm: dict, reqs, sizes: list[int]) -> di
 
 def modelled(steps: list[int], cost: dict[int, float], chunk: int) -> float:
     """Seconds the steps would take, each chunk of ``chunk`` requests in turn, a step costed at its
-    number of active requests (linear between the measured sizes, proportional beyond the largest)."""
+    number of active requests (linear between the measured sizes, proportional beyond the largest,
+    that of the smallest below it). Steps only: no per-chunk costs (layout, prefix pass), and each
+    chunk's last iteration, which has no backward, costed as a full step; not the same quantity as
+    ``s_per_request``."""
     sizes = sorted(cost)
     def at(a: int) -> float:
         if a >= sizes[-1]:

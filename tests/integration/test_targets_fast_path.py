@@ -171,23 +171,36 @@ def test_the_requests_left_are_laid_out_alone(tokenizer):
     assert len(buckets(lay)) > len(buckets(lay, among=lay.req == 0))
 
 
-def test_targets_with_requests_stopping_early_match_those_of_one_layout(tiny_model, monkeypatch):
-    """Laying out the requests left anew after some stop (as MPES stops them) changes padding, not the
-    optimisation."""
+def test_a_step_of_the_requests_left_runs_only_their_passes(tiny_model):
+    """When only the request with the narrowest loss is left, its step runs its own passes (fewer
+    tokens than the buckets laid out for every request) and gives the same loss and argmax check."""
     from lmedit.core import targets
+    from lmedit.core.layout import build_layout
 
     model, tok = tiny_model
     adapter = get_adapter(model)
-    hp = TargetConfig(v_num_grad_steps=8, v_lr=0.5, clamp_norm_factor=4.0, early_stop_loss=0.0)
-    reached = sorted(compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp).loss.tolist())
-    # a loss stop the best request reaches within 8 steps and the others not: they stop at different steps
-    hp = dataclasses.replace(hp, v_num_grad_steps=16, early_stop_loss=(reached[0] + reached[1]) / 2)
-    new = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp)
-    assert len(set(new.steps.tolist())) > 1  # requests stopped at different steps: the layout changed
-    monkeypatch.setattr(targets, "buckets", lambda lay, device=None, among=None, b=targets.buckets: b(lay, device=device))
-    old = compute_targets(model, tok, adapter, REQUESTS, TEMPLATES, 2, hp)
-    assert new.steps.tolist() == old.steps.tolist()
-    assert float((new.delta - old.delta).norm()) < 1e-3 * float(old.delta.norm())
+    lay = build_layout(tok, REQUESTS, TEMPLATES)
+    reach = torch.zeros(len(REQUESTS), dtype=torch.long)  # the farthest loss column of each request
+    reach.scatter_reduce_(0, lay.req[lay.loss_rows], lay.loss_cols - lay.S + 1, reduce="amax")
+    narrow = int(reach.argmin())
+    assert int(reach[narrow]) < int(reach.max())  # otherwise its own passes would be as wide
+    with targets.frozen(model):
+        pre = targets._prefix_pass(model, adapter, lay, 2, "block")
+        active = torch.zeros(len(REQUESTS), dtype=torch.bool)
+        active[narrow] = True
+        act = torch.tensor([narrow])
+        delta = torch.randn(1, pre.init.shape[1]) * 0.1
+        steps = {}
+        for name in ("laid out anew", "laid out for all"):
+            run = targets._Resumed(model, adapter, lay, pre, 2)
+            if name == "laid out for all":  # as before: the buckets of every request kept
+                run._laid_out = active[lay.req]
+            steps[name] = (run.step(delta, act, active), run.tokens)
+    (new, new_tokens), (old, old_tokens) = steps["laid out anew"], steps["laid out for all"]
+    assert new_tokens < old_tokens
+    torch.testing.assert_close(new.nll, old.nll, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new.kl_logp, old.kl_logp, rtol=1e-4, atol=1e-4)
+    assert torch.equal(new.argmax_ok, old.argmax_ok)
 
 
 def test_passes_after_the_last_block_run_where_the_head_is(make_tiny):

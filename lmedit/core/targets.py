@@ -402,15 +402,15 @@ class _Resumed:
         self.passes_on = passes_device(model, adapter, layer)
         self.buckets = buckets(lay, device=self.passes_on)
         self._laid_out = torch.ones(lay.ids.shape[0], dtype=torch.bool, device=lay.ids.device)  # sequences in buckets
-        self._kv: dict[int, tuple[torch.Tensor, KV | None]] = {}  # per bucket: (rows, their prefix KV)
+        self._kv: dict[int, KV | None] = {}  # per bucket of the current layout: its rows' prefix KV
         self.tokens = 0
 
     def _bucket_kv(self, b: int, rows: torch.Tensor) -> KV | None:
-        """The prefix KV of ``rows`` (re-selected only when the bucket's active rows change)."""
-        if b not in self._kv or not torch.equal(self._kv[b][0], rows):
-            kv = None if self.pre.kv is None else [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.pre.kv]
-            self._kv[b] = (rows, kv)
-        return self._kv[b][1]
+        """The prefix KV of bucket ``b``'s ``rows`` (selected once per layout: a new one clears them)."""
+        if b not in self._kv:
+            self._kv[b] = None if self.pre.kv is None else [(k[rows.to(k.device)], v[rows.to(v.device)])
+                                                            for k, v in self.pre.kv]
+        return self._kv[b]
 
     def _hidden(self, rows: torch.Tensor, width: int, delta_rows: torch.Tensor, kv: KV | None) -> torch.Tensor:
         """(n, width, d) final-norm output of ``rows``, with ``delta_rows`` (n, d) added at column S."""
@@ -444,9 +444,7 @@ class _Resumed:
         wrong = torch.zeros(len(act_req), device=out_dev)
         kl_logp = torch.zeros(len(act_req), self.unembed.weight.shape[0], device=out_dev)
         for b, bucket in enumerate(self.buckets):
-            rows = bucket.seqs[active[lay.req[bucket.seqs]]]  # active sequences of this bucket
-            if rows.numel() == 0:
-                continue
+            rows = bucket.seqs  # laid out over the active sequences only
             seq_req = local[lay.req[rows]]  # (n,) row of delta for each sequence
             hidden = self._hidden(rows, bucket.width, delta[seq_req.to(delta.device)], self._bucket_kv(b, rows))
             nll, wrong = self._target_terms(hidden, rows, bucket.entries, seq_req, nll, wrong)

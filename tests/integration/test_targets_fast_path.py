@@ -175,7 +175,7 @@ def test_a_step_of_the_requests_left_runs_only_their_passes(tiny_model):
     """When only the request with the narrowest loss is left, its step runs its own passes (fewer
     tokens than the buckets laid out for every request) and gives the same loss and argmax check."""
     from lmedit.core import targets
-    from lmedit.core.layout import build_layout
+    from lmedit.core.layout import Bucket, build_layout, buckets
 
     model, tok = tiny_model
     adapter = get_adapter(model)
@@ -193,8 +193,11 @@ def test_a_step_of_the_requests_left_runs_only_their_passes(tiny_model):
         steps = {}
         for name in ("laid out anew", "laid out for all"):
             run = targets._Resumed(model, adapter, lay, pre, 2)
-            if name == "laid out for all":  # as before: the buckets of every request kept
-                run._laid_out = active[lay.req]
+            if name == "laid out for all":  # as before: the buckets of every request, their active rows
+                keep = active[lay.req]
+                run.buckets = [Bucket(bk.width, bk.seqs[keep[bk.seqs]], bk.entries[keep[lay.loss_rows[bk.entries]]])
+                               for bk in buckets(lay) if bool(keep[bk.seqs].any())]
+                run._laid_out = keep
             steps[name] = (run.step(delta, act, active), run.tokens)
     (new, new_tokens), (old, old_tokens) = steps["laid out anew"], steps["laid out for all"]
     assert new_tokens < old_tokens

@@ -168,6 +168,10 @@ class Editor:
         self.earlier: dict[int, torch.Tensor] = {}
         self.n_earlier = 0
         self.n_protected = 0  # facts whose keys protect() added to that sum
+        # the facts behind that sum, for refresh_earlier_keys: (prompt, subject) of each preserved edit, and
+        # each protected fact with its weight (None: protected in a ledger, which keeps only their keys' sum)
+        self.earlier_facts: list[_Fact] = []
+        self.protected_facts: list[tuple[_Fact, float]] | None = []
         self._n_sealed = 0  # edits applied with keep_history=False (their deltas are not kept)
         if context is not None:
             self._context[(self.hparams.context_templates, self.hparams.seed)] = _checked_context(context)
@@ -278,6 +282,8 @@ class Editor:
             k64 = k.to(torch.float64)
             earlier[l] = weight * (k64.T @ k64) + (earlier[l] if l in earlier else 0)
         self.earlier, self.n_protected = earlier, self.n_protected + len(checked)
+        if self.protected_facts is not None:
+            self.protected_facts.extend((f, float(weight)) for f in checked)
         return self.n_protected
 
     def _checked_covariances(self, given: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -333,6 +339,7 @@ class Editor:
                             infos, keys, state_before=state_before)
         if hp.preserve_edits:
             self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
+            self.earlier_facts.extend(_Fact(r.prompt, r.subject) for r in reqs)
         if measured and (hp.layers[-1], hp.site) == (self.hparams.layers[-1], self.hparams.site):
             # a property of the unedited model at this target layer and site: kept for later edits
             self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
@@ -385,6 +392,7 @@ class Editor:
         flat = [t for g in groups for t in g]
         parts, infos, keys = [], [], {}
         earlier = dict(self.earlier)
+        facts = list(self.earlier_facts)  # the edited facts earlier holds, this edit's earlier batches included
         edited = [self.adapter.edit_param_name(l) for l in hp.layers]
         with self._work_model(hp, given is None and hp.sequential) as shared, \
                 tqdm(batches, desc=f"{self.method} requests", unit="req", disable=not (self.progress and hp.sequential)) as bar:
@@ -394,6 +402,10 @@ class Editor:
                 if hp.norm_anchor:
                     tr, hp = self._anchored(tr, hp)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
+                if hp.preserve_edits and hp.refresh_earlier_keys:
+                    t0 = time.perf_counter()
+                    earlier = self._read_earlier(hp, groups, facts)
+                    timings["refresh_s"] = timings.get("refresh_s", 0.0) + time.perf_counter() - t0
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
                     self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
@@ -404,6 +416,7 @@ class Editor:
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
                         k64 = k.to(torch.float64)
                         earlier[l] = k64.T @ k64 + (earlier[l] if l in earlier else 0)
+                facts.extend(_Fact(r.prompt, r.subject) for r in batch)
                 for k, v in t.items():
                     timings[k] = timings.get(k, 0.0) + v
                 if shared is not None:
@@ -411,6 +424,26 @@ class Editor:
                 parts.append(tr)
                 infos.append(info)
         return parts, infos, keys, earlier, hp
+
+    def _read_earlier(self, hp: EditHParams, groups: list[list[str]], facts: list[_Fact]) -> dict[int, torch.Tensor]:
+        """The sum of earlier keys (``refresh_earlier_keys``), read again on the weights as they are now:
+        k k^T of each of ``facts`` plus weight * k k^T of each protected fact, per edited layer (float64).
+        Facts are read 256 at a time, so memory does not grow with their number."""
+        if self.protected_facts is None:
+            raise HyperparameterError(f"refresh_earlier_keys: the {self.n_protected} protected fact(s) of this "
+                                      "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
+                                      "edit without refresh_earlier_keys, or start from the base model and protect "
+                                      "them again")
+        weighted = [(f, 1.0) for f in facts] + list(self.protected_facts)
+        out: dict[int, torch.Tensor] = {}
+        for start in range(0, len(weighted), 256):
+            part = weighted[start:start + 256]
+            K = collect_keys(self.model, self.tokenizer, self.adapter, [f for f, _ in part], groups, hp.layers)
+            w = torch.tensor([x for _, x in part], dtype=torch.float64)[:, None]
+            for l, k in K.items():
+                k64 = k.to(torch.float64)
+                out[l] = (w * k64).T @ k64 + (out[l] if l in out else 0)
+        return out
 
     @contextmanager
     def _work_model(self, hp: EditHParams, needed: bool) -> Iterator[nn.Module | None]:
@@ -619,6 +652,7 @@ class Editor:
                 k64 = k.to(torch.float64)
                 self.earlier[l] = self.earlier[l] - k64.T @ k64
             self.n_earlier -= len(result.requests)
+            del self.earlier_facts[len(self.earlier_facts) - len(result.requests):]
         self.history.pop()
         result.state = EditState.UNDONE
         self._state, self._seen = result.state_before, self._param_versions()
@@ -691,6 +725,9 @@ class Editor:
         editor.earlier = earlier
         editor.n_earlier = sum(b["n_requests"] for b in ledger.batches if b["hparams"].get("preserve_edits"))
         editor.n_protected = ledger.manifest.get("protected", 0)
+        editor.earlier_facts = [_Fact(r["prompt"], r["subject"]) for rec, b in zip(records, ledger.batches)
+                                if b["hparams"].get("preserve_edits") for r in rec.requests]
+        editor.protected_facts = None if editor.n_protected else []
         return editor
 
     def _replay(self, records: list[BatchRecord]) -> None:

@@ -198,3 +198,33 @@ def test_protect_refuses_bad_facts_and_methods_without_preserved_keys(fresh, tok
     assert ed.n_protected == 0 and not ed.earlier
     with pytest.raises(HyperparameterError, match="preserve_edits=True"):
         _editor(model, tokenizer, covariances, method="emmet").protect(OTHER)
+
+
+def test_refreshed_earlier_keys_are_read_on_the_current_weights(fresh, tokenizer, covariances):
+    """With refresh_earlier_keys the preserved sum is rebuilt before each batch from the earlier facts'
+    keys read on the weights as they are then. At the lowest edited layer those keys cannot move (no
+    edited weight lies before them); one layer up, a later batch's write below has moved them away
+    from the keys stored when they were edited, and the sum follows the moved keys."""
+    from lmedit.core.keys import collect_keys
+
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, covariances, method="encore", mom2_update_weight=1.0, update_norm_lambda=0.1,
+                 refresh_earlier_keys=True)
+    r1 = ed.edit(REQUESTS[:1])
+    ed.edit(REQUESTS[1:])
+    now = collect_keys(model, tokenizer, ed.adapter, REQUESTS, ed.template_groups(), [1, 2])
+    r3 = ed.edit(OTHER)
+    assert ed.n_earlier == 3 and len(ed.earlier_facts) == 3
+    for l in (1, 2):
+        k, k3 = now[l].double(), r3.keys[l].double()
+        assert torch.allclose(ed.earlier[l], k.T @ k + k3.T @ k3, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(now[1][0], r1.keys[1][0], rtol=1e-5, atol=1e-6)
+    moved = float((now[2][0] - r1.keys[2][0]).norm() / r1.keys[2][0].norm())
+    assert moved > 1e-3, moved
+    ed.undo()
+    assert len(ed.earlier_facts) == 2
+
+
+def test_refresh_needs_preserved_keys(fresh, tokenizer, covariances):
+    with pytest.raises(HyperparameterError, match="refresh_earlier_keys.*preserve_edits=True"):
+        _editor(fresh("llama"), tokenizer, covariances, method="memit", refresh_earlier_keys=True)

@@ -11,7 +11,7 @@ import torch
 
 import lmedit
 from helpers import OTHER, REQUESTS, assert_same, edit_kwargs, snapshot, spd_covariances
-from lmedit.errors import CacheError, LmeditError
+from lmedit.errors import CacheError, HyperparameterError, LmeditError
 from lmedit.ledger import Ledger
 
 BATCHES = [REQUESTS[:1], REQUESTS[1:], OTHER]
@@ -221,3 +221,38 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
         want = adapter.weight(model, l).detach().double() + total[l]  # float32 rounding of W0 + the ledger
         assert torch.allclose(adapter.weight(merged, l).detach().double(), want, rtol=0,
                               atol=2 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+
+
+def test_resume_with_refreshed_keys_equals_an_uninterrupted_run(fresh, tokenizer, tmp_path):
+    """refresh_earlier_keys reads the earlier facts' keys again before each batch: a reloaded Editor
+    knows those facts from the ledger's requests, so resuming gives the same weights and state bit
+    for bit; protected facts, whose prompts a ledger does not keep, are refused with the weights as loaded."""
+    def run(path, batches, model):
+        ed = _editor(model, tokenizer, ledger=path, keep_history=False, refresh_earlier_keys=True)
+        for b in batches:
+            ed.edit(b)
+        return ed
+
+    whole = fresh("llama")
+    ed = run(tmp_path / "whole", BATCHES, whole)
+    assert [(f.prompt, f.subject) for f in ed.earlier_facts] == [(r.prompt, r.subject) for b in BATCHES for r in b]
+    part = fresh("llama")
+    run(tmp_path / "part", BATCHES[:2], part)
+    model = fresh("llama")
+    again = lmedit.Editor.load(model, tokenizer, tmp_path / "part", covariances=spd_covariances(model, [1, 2]))
+    assert again.hparams.refresh_earlier_keys and len(again.earlier_facts) == 2
+    again.edit(BATCHES[2])
+    assert_same(model, snapshot(whole))
+    assert all(torch.equal(again.earlier[l], ed.earlier[l]) for l in ed.earlier)
+
+    protected = fresh("llama")
+    p = _editor(protected, tokenizer, ledger=tmp_path / "p", keep_history=False, refresh_earlier_keys=True)
+    p.protect(OTHER)
+    p.edit(REQUESTS[:1])
+    model = fresh("llama")
+    loaded = lmedit.Editor.load(model, tokenizer, tmp_path / "p", covariances=spd_covariances(model, [1, 2]))
+    before = snapshot(model)
+    with pytest.raises(HyperparameterError, match="protected fact"):
+        loaded.edit(REQUESTS[1:])
+    assert_same(model, before)
+    assert len(Ledger.open(tmp_path / "p").batches) == 1

@@ -129,18 +129,22 @@ def modelled(steps: list[int], cost: dict[int, float], chunk: int) -> float:
     that of the smallest below it). Steps only: no per-chunk costs (layout, prefix pass), and each
     chunk's last iteration, which has no backward, costed as a full step; not the same quantity as
     ``s_per_request``."""
-    sizes = sorted(cost)
-    def at(a: int) -> float:
-        if a >= sizes[-1]:
-            return cost[sizes[-1]] * a / sizes[-1]
-        hi = next(s for s in sizes if s >= a)
-        lo = max([s for s in sizes if s <= a], default=hi)
-        return cost[lo] if hi == lo else cost[lo] + (cost[hi] - cost[lo]) * (a - lo) / (hi - lo)
     total = 0.0
     for c in range(0, len(steps), chunk):
         part = steps[c:c + chunk]
-        total += sum(at(sum(s > t for s in part)) for t in range(max(part)))
+        total += sum(step_cost_at(sum(s > t for s in part), cost) for t in range(max(part)))
     return total
+
+
+def step_cost_at(a: int, cost: dict[int, float]) -> float:
+    """Seconds of one step with ``a`` active requests: linear between the measured sizes of ``cost``,
+    proportional beyond the largest, that of the smallest below it."""
+    sizes = sorted(cost)
+    if a >= sizes[-1]:
+        return cost[sizes[-1]] * a / sizes[-1]
+    hi = next(s for s in sizes if s >= a)
+    lo = max([s for s in sizes if s <= a], default=hi)
+    return cost[lo] if hi == lo else cost[lo] + (cost[hi] - cost[lo]) * (a - lo) / (hi - lo)
 
 
 if __name__ == "__main__":

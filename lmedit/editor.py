@@ -321,6 +321,11 @@ class Editor:
         measured = hp.norm_anchor and not hp.norm_reference  # the first batch measures the reference
         if hp.norm_anchor:
             self._check_anchoring(hp, targets)
+        if hp.preserve_edits and hp.refresh_earlier_keys and self.protected_facts is None:
+            raise HyperparameterError(f"refresh_earlier_keys: the {self.n_protected} protected fact(s) of this "
+                                      "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
+                                      "edit without refresh_earlier_keys, or start from the base model and protect "
+                                      "them again")
         t0 = time.perf_counter()
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
@@ -392,7 +397,12 @@ class Editor:
         flat = [t for g in groups for t in g]
         parts, infos, keys = [], [], {}
         earlier = dict(self.earlier)
-        facts = list(self.earlier_facts)  # the edited facts earlier holds, this edit's earlier batches included
+        if hp.preserve_edits and hp.refresh_earlier_keys and (self.earlier_facts or self.protected_facts):
+            # once, before this edit's first write (a sequential method's later requests add their keys as
+            # read; the layer it edits cannot move them); layers this edit does not touch keep their sums
+            t0 = time.perf_counter()
+            earlier.update(self._read_earlier(hp, groups))
+            timings["refresh_s"] = time.perf_counter() - t0
         edited = [self.adapter.edit_param_name(l) for l in hp.layers]
         with self._work_model(hp, given is None and hp.sequential) as shared, \
                 tqdm(batches, desc=f"{self.method} requests", unit="req", disable=not (self.progress and hp.sequential)) as bar:
@@ -402,10 +412,6 @@ class Editor:
                 if hp.norm_anchor:
                     tr, hp = self._anchored(tr, hp)
                 timings["targets_s"] = timings.get("targets_s", 0.0) + time.perf_counter() - t0
-                if hp.preserve_edits and hp.refresh_earlier_keys:
-                    t0 = time.perf_counter()
-                    earlier = self._read_earlier(hp, groups, facts)
-                    timings["refresh_s"] = timings.get("refresh_s", 0.0) + time.perf_counter() - t0
                 systems = self.systems(hp, C, earlier)
                 info, t, K = distribute(hp.distribution, Pieces(
                     self.model, self.tokenizer, self.adapter, tx, batch, groups, hp.layers, tr.targets, systems,
@@ -416,7 +422,6 @@ class Editor:
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
                         k64 = k.to(torch.float64)
                         earlier[l] = k64.T @ k64 + (earlier[l] if l in earlier else 0)
-                facts.extend(_Fact(r.prompt, r.subject) for r in batch)
                 for k, v in t.items():
                     timings[k] = timings.get(k, 0.0) + v
                 if shared is not None:
@@ -425,19 +430,18 @@ class Editor:
                 infos.append(info)
         return parts, infos, keys, earlier, hp
 
-    def _read_earlier(self, hp: EditHParams, groups: list[list[str]], facts: list[_Fact]) -> dict[int, torch.Tensor]:
-        """The sum of earlier keys (``refresh_earlier_keys``), read again on the weights as they are now:
-        k k^T of each of ``facts`` plus weight * k k^T of each protected fact, per edited layer (float64).
-        Facts are read 256 at a time, so memory does not grow with their number."""
-        if self.protected_facts is None:
-            raise HyperparameterError(f"refresh_earlier_keys: the {self.n_protected} protected fact(s) of this "
-                                      "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
-                                      "edit without refresh_earlier_keys, or start from the base model and protect "
-                                      "them again")
-        weighted = [(f, 1.0) for f in facts] + list(self.protected_facts)
+    def _read_earlier(self, hp: EditHParams, groups: list[list[str]]) -> dict[int, torch.Tensor]:
+        """The sum of earlier keys (``refresh_earlier_keys``) read again on the weights as they are before
+        this edit writes: k k^T of each earlier edited fact plus weight * k k^T of each protected fact,
+        per layer of ``hp.layers`` (float64). Read a chunk of facts at a time, sized so that their
+        activations fit the memory budget's share for kept states."""
+        weighted = [(f, 1.0) for f in self.earlier_facts] + list(self.protected_facts or [])
+        d_in = max(int(self.adapter.weight(self.model, l).shape[1]) for l in hp.layers)
+        per_fact = 4 * d_in * len(hp.layers) * sum(len(g) for g in groups)  # float32 activations read per fact
+        step = max(1, state_bytes(memory_budget(model_device(self.model), self.memory_budget)) // per_fact)
         out: dict[int, torch.Tensor] = {}
-        for start in range(0, len(weighted), 256):
-            part = weighted[start:start + 256]
+        for start in range(0, len(weighted), step):
+            part = weighted[start:start + step]
             K = collect_keys(self.model, self.tokenizer, self.adapter, [f for f, _ in part], groups, hp.layers)
             w = torch.tensor([x for _, x in part], dtype=torch.float64)[:, None]
             for l, k in K.items():

@@ -60,11 +60,12 @@ class EditHParams(TargetConfig):
                              choices=("auto", "block", "mlp"))
     preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
                                  "(sum K_p K_p^T; for lifelong editing)")
-    refresh_earlier_keys: bool = param(False, "with preserve_edits: before each batch, read the keys of every earlier "
-                                       "edited (and protected) fact again on the weights as they are now, instead of "
-                                       "keeping the keys read when it was edited; edits of lower layers move them "
-                                       "(results/README.md, 'Earlier keys drift'). Costs one key pass over all "
-                                       "earlier facts per batch")
+    refresh_earlier_keys: bool = param(False, "with preserve_edits: before each edit writes, read the keys of every "
+                                       "earlier edited (and protected) fact again on the weights as they are then, "
+                                       "instead of keeping the keys read when it was edited, which later edits of "
+                                       "lower layers move (results/README.md, 'Earlier keys drift'). Costs one key "
+                                       "pass over all earlier facts per edit; undoing an edit leaves the sum as "
+                                       "refreshed before it")
     norm_anchor: bool = param(False, "Norm-Anchor Scaling (Liu et al. 2026; for lifelong editing): rescale each "
                               "request's value vector v* (the MLP output of the last edited layer its target asks "
                               "for) to norm_reference, so that edited weights cannot inflate later targets")

@@ -129,9 +129,10 @@ def test_lifelong_state_accumulates_and_undoes(fresh, tokenizer, covariances, me
     assert torch.allclose(ed.earlier[1], r1.keys[1].double().T @ r1.keys[1].double(), atol=1e-9)
 
 
-def test_a_failed_edit_leaves_the_lifelong_state(fresh, tokenizer, covariances, monkeypatch):
+@pytest.mark.parametrize("refresh", [False, True])
+def test_a_failed_edit_leaves_the_lifelong_state(fresh, tokenizer, covariances, monkeypatch, refresh):
     model = fresh("llama")
-    ed = _editor(model, tokenizer, covariances, method="encore")
+    ed = _editor(model, tokenizer, covariances, method="encore", refresh_earlier_keys=refresh)
     ed.edit(REQUESTS)
     state = {l: e.clone() for l, e in ed.earlier.items()}
     import lmedit.core.distribute as distribute
@@ -149,6 +150,7 @@ def test_a_failed_edit_leaves_the_lifelong_state(fresh, tokenizer, covariances, 
     with pytest.raises(KeyboardInterrupt):
         ed.edit(OTHER)
     assert ed.n_earlier == 2 and all(torch.equal(ed.earlier[l], state[l]) for l in state)
+    assert [f.subject for f in ed.earlier_facts] == [r.subject for r in REQUESTS]
 
 
 def _encore(fresh, tokenizer, covariances):
@@ -207,22 +209,34 @@ def test_refreshed_earlier_keys_are_read_on_the_current_weights(fresh, tokenizer
     from the keys stored when they were edited, and the sum follows the moved keys."""
     from lmedit.core.keys import collect_keys
 
-    model = fresh("llama")
-    ed = _editor(model, tokenizer, covariances, method="encore", mom2_update_weight=1.0, update_norm_lambda=0.1,
-                 refresh_earlier_keys=True)
-    r1 = ed.edit(REQUESTS[:1])
-    ed.edit(REQUESTS[1:])
-    now = collect_keys(model, tokenizer, ed.adapter, REQUESTS, ed.template_groups(), [1, 2])
-    r3 = ed.edit(OTHER)
-    assert ed.n_earlier == 3 and len(ed.earlier_facts) == 3
+    def three_batches(refresh):
+        model = fresh("llama")
+        ed = _editor(model, tokenizer, covariances, method="encore", mom2_update_weight=1.0, update_norm_lambda=0.1,
+                     refresh_earlier_keys=refresh)
+        ed.protect(OTHER, weight=3.0)
+        r1 = ed.edit(REQUESTS[:1])
+        ed.edit(REQUESTS[1:])
+        now = collect_keys(model, tokenizer, ed.adapter, REQUESTS + OTHER, ed.template_groups(), [1, 2])
+        before = {l: e.clone() for l, e in ed.earlier.items()}
+        return ed, r1, now, before, ed.edit(OTHER)
+
+    ed, r1, now, before, r3 = three_batches(True)
+    assert ed.n_earlier == 3 and [f.subject for f in ed.earlier_facts] == [r.subject for r in REQUESTS + OTHER]
+    w = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)[:, None]  # the two edits, then the protected fact
     for l in (1, 2):
         k, k3 = now[l].double(), r3.keys[l].double()
-        assert torch.allclose(ed.earlier[l], k.T @ k + k3.T @ k3, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(ed.earlier[l], (w * k).T @ k + k3.T @ k3, rtol=1e-5, atol=1e-8)
     assert torch.allclose(now[1][0], r1.keys[1][0], rtol=1e-5, atol=1e-6)
     moved = float((now[2][0] - r1.keys[2][0]).norm() / r1.keys[2][0].norm())
     assert moved > 1e-3, moved
-    ed.undo()
-    assert len(ed.earlier_facts) == 2
+    stale = three_batches(False)[4]  # the same edits preserving the keys as stored: another update
+    assert not torch.allclose(stale.deltas[2], r3.deltas[2], rtol=1e-3, atol=1e-6)
+    ed.undo()  # the edit's own keys leave the sum; the earlier facts' stay as refreshed before it
+    assert [f.subject for f in ed.earlier_facts] == [r.subject for r in REQUESTS]
+    for l in (1, 2):
+        k = now[l].double()
+        assert torch.allclose(ed.earlier[l], (w * k).T @ k, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(ed.earlier[2], before[2], rtol=1e-4)  # not the sum before the edit: it was refreshed
 
 
 def test_refresh_needs_preserved_keys(fresh, tokenizer, covariances):

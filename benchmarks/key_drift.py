@@ -80,7 +80,7 @@ def main() -> int:
         print(f"| {l} | {row['drift']:.3f} | {row['cos']:.3f} | {row['wrote']:.2f} | {row['moved_at_stored']:.2f} "
               f"| {row['moved_at_current']:.2f} | {row['output_moved']:.2f} |")
     if args.out:
-        write_json(args.out, {"ledger": str(args.ledger), "upto": args.upto, "probe": args.probe, "rows": rows,
+        write_json(args.out, {"ledger": str(args.ledger), "upto": args.upto, "probe": args.probe, "layers": rows,
                               "command": "python benchmarks/key_drift.py " + " ".join(sys.argv[1:])})
     return 0
 

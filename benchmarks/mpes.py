@@ -138,7 +138,7 @@ def modelled(steps: list[int], cost: dict[int, float], chunk: int) -> float:
 
 def step_cost_at(a: int, cost: dict[int, float]) -> float:
     """Seconds of one step with ``a`` active requests: linear between the measured sizes of ``cost``,
-    proportional beyond the largest, that of the smallest below it."""
+    proportional beyond the largest, and the smallest size's cost below that size."""
     sizes = sorted(cost)
     if a >= sizes[-1]:
         return cost[sizes[-1]] * a / sizes[-1]

@@ -18,7 +18,7 @@ from mpes import modelled, step_cost_at  # noqa: E402
 
 def continuous(steps: list[int], cost: dict[int, float], window: int) -> float:
     """Seconds of steps with at most ``window`` requests active, a stopped one replaced at once."""
-    queue, active, total = list(steps), [], 0.0
+    queue, active, total = [s for s in steps if s > 0], [], 0.0
     while queue or active:
         while queue and len(active) < window:
             active.append(queue.pop(0))

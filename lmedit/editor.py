@@ -421,7 +421,7 @@ class Editor:
                     keys[l] = torch.cat([keys[l], k]) if l in keys else k
                     if hp.preserve_edits:  # a new tensor: self.earlier is untouched until the edit commits
                         k64 = k.to(torch.float64)
-                        earlier[l] = k64.T @ k64 + (earlier[l] if l in earlier else 0)
+                        earlier[l] = hp.preserve_weight * (k64.T @ k64) + (earlier[l] if l in earlier else 0)
                 for k, v in t.items():
                     timings[k] = timings.get(k, 0.0) + v
                 if shared is not None:
@@ -432,10 +432,10 @@ class Editor:
 
     def _read_earlier(self, hp: EditHParams, groups: list[list[str]]) -> dict[int, torch.Tensor]:
         """The sum of earlier keys (``refresh_earlier_keys``) read again on the weights as they are before
-        this edit writes: k k^T of each earlier edited fact plus weight * k k^T of each protected fact,
-        per layer of ``hp.layers`` (float64). Read a chunk of facts at a time, sized so that their
-        activations fit the memory budget's share for kept states."""
-        weighted = [(f, 1.0) for f in self.earlier_facts] + list(self.protected_facts or [])
+        this edit writes: this edit's ``preserve_weight`` * k k^T of each earlier edited fact plus
+        weight * k k^T of each protected fact, per layer of ``hp.layers`` (float64). Read a chunk of
+        facts at a time, sized so that their activations fit the memory budget's share for kept states."""
+        weighted = [(f, hp.preserve_weight) for f in self.earlier_facts] + list(self.protected_facts or [])
         d_in = max(int(self.adapter.weight(self.model, l).shape[1]) for l in hp.layers)
         per_fact = 4 * d_in * len(hp.layers) * sum(len(g) for g in groups)  # float32 activations read per fact
         step = max(1, state_bytes(memory_budget(model_device(self.model), self.memory_budget)) // per_fact)
@@ -654,7 +654,7 @@ class Editor:
         if result.hparams is not None and result.hparams.preserve_edits:
             for l, k in result.keys.items():  # take the edit's keys out of the preserved set again
                 k64 = k.to(torch.float64)
-                self.earlier[l] = self.earlier[l] - k64.T @ k64
+                self.earlier[l] = self.earlier[l] - result.hparams.preserve_weight * (k64.T @ k64)
             self.n_earlier -= len(result.requests)
             del self.earlier_facts[len(self.earlier_facts) - len(result.requests):]
         self.history.pop()

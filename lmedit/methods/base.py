@@ -60,6 +60,9 @@ class EditHParams(TargetConfig):
                              choices=("auto", "block", "mlp"))
     preserve_edits: bool = param(False, "add the keys of this Editor's earlier edits to the preserved set "
                                  "(sum K_p K_p^T; for lifelong editing)")
+    preserve_weight: float = param(1.0, "with preserve_edits: the weight of each edit's k k^T as it joins the "
+                                   "preserved sum (1: recursive least squares, later batches weigh earlier edits like "
+                                   "their own; more: earlier edits win where keys conflict)", gt=0)
     refresh_earlier_keys: bool = param(False, "with preserve_edits: before each edit writes, read the keys of every "
                                        "earlier edited (and protected) fact again on the weights as they are then, "
                                        "instead of keeping the keys read when it was edited, which later edits of "

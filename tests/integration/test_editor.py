@@ -242,3 +242,25 @@ def test_refreshed_earlier_keys_are_read_on_the_current_weights(fresh, tokenizer
 def test_refresh_needs_preserved_keys(fresh, tokenizer, covariances):
     with pytest.raises(HyperparameterError, match="refresh_earlier_keys.*preserve_edits=True"):
         _editor(fresh("llama"), tokenizer, covariances, method="memit", refresh_earlier_keys=True)
+
+
+def test_preserve_weight_scales_earlier_keys_and_keeps_their_outputs_closer(fresh, tokenizer, covariances):
+    """preserve_weight w puts w k k^T of each edit into the preserved sum (undo takes it out again),
+    and a later batch then moves the earlier edit's outputs less than with w = 1."""
+    def run(w):
+        model = fresh("llama")
+        ed = _editor(model, tokenizer, covariances, method="encore", mom2_update_weight=1.0, update_norm_lambda=0.1,
+                     preserve_weight=w)
+        r1 = ed.edit(REQUESTS)
+        return ed, r1, ed.edit(OTHER)
+
+    ed, r1, r2 = run(4.0)
+    for l in (1, 2):
+        k1, k2 = r1.keys[l].double(), r2.keys[l].double()
+        assert torch.allclose(ed.earlier[l], 4.0 * (k1.T @ k1 + k2.T @ k2))
+    moved = {w: float(sum((r.deltas[l].double() @ first.keys[l].double().T).norm() for l in (1, 2)))
+             for w, (_, first, r) in {1.0: run(1.0), 4.0: (ed, r1, r2)}.items()}
+    assert moved[4.0] < 0.8 * moved[1.0], moved
+    ed.undo()
+    k1 = r1.keys[1].double()
+    assert torch.allclose(ed.earlier[1], 4.0 * (k1.T @ k1), atol=1e-8)

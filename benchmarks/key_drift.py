@@ -52,9 +52,9 @@ def main() -> int:
     ed = Editor(model, tok, meta["method"], hparams=get_method(meta["method"]).hparams_cls.from_dict(hp),
                 context=ledger.manifest["context"])
     ledger.check_base(model, ed.adapter, ed.base_fingerprint)
-    layers = list(ed.hparams.layers)
     records = [ledger.read_batch(i) for i in range(args.upto)]
     probe = records[args.probe - 1]
+    layers = sorted(probe.keys)  # the layers the probe batch wrote (distribution single: the last alone)
     ed._replay(records[:args.probe])
     after_probe = {l: ed.adapter.weight(model, l).detach().double().clone() for l in layers}
     ed._replay(records[args.probe:])

@@ -10,6 +10,8 @@ batch). Everything else (keys, targets, statistics, distribution over layers) is
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -67,8 +69,9 @@ class EditHParams(TargetConfig):
                                        "earlier edited (and protected) fact again on the weights as they are then, "
                                        "instead of keeping the keys read when it was edited, which later edits of "
                                        "lower layers move (results/README.md, 'Earlier keys drift'). Costs one key "
-                                       "pass over all earlier facts per edit; undoing an edit leaves the sum as "
-                                       "refreshed before it")
+                                       "pass over all earlier facts per edit, which take this edit's preserve_weight; "
+                                       "undoing an edit leaves the sum as refreshed before it. Refused after loading "
+                                       "a ledger with protected facts (it keeps only their keys' sum)")
     norm_anchor: bool = param(False, "Norm-Anchor Scaling (Liu et al. 2026; for lifelong editing): rescale each "
                               "request's value vector v* (the MLP output of the last edited layer its target asks "
                               "for) to norm_reference, so that edited weights cannot inflate later targets")
@@ -94,6 +97,10 @@ class EditHParams(TargetConfig):
                 self.fail(name, f"one of the registered distributions {distribution_names()}")
         if self.refit_base.strip().lower() == "refit":
             self.fail("refit_base", "another distribution than refit")
+        if not math.isfinite(self.preserve_weight):
+            self.fail("preserve_weight", "a finite number > 0")
+        if self.preserve_weight != 1.0 and not self.preserve_edits:
+            self.fail("preserve_weight", "used with preserve_edits=True (it weighs the preserved keys of earlier edits)")
         if self.refresh_earlier_keys and not self.preserve_edits:
             self.fail("refresh_earlier_keys", "used with preserve_edits=True (there are no earlier keys to refresh without it)")
 

@@ -239,9 +239,14 @@ def test_refreshed_earlier_keys_are_read_on_the_current_weights(fresh, tokenizer
     assert not torch.allclose(ed.earlier[2], before[2], rtol=1e-4)  # not the sum before the edit: it was refreshed
 
 
-def test_refresh_needs_preserved_keys(fresh, tokenizer, covariances):
-    with pytest.raises(HyperparameterError, match="refresh_earlier_keys.*preserve_edits=True"):
-        _editor(fresh("llama"), tokenizer, covariances, method="memit", refresh_earlier_keys=True)
+@pytest.mark.parametrize("setting,match", [
+    ({"method": "memit", "refresh_earlier_keys": True}, "refresh_earlier_keys.*preserve_edits=True"),
+    ({"method": "memit", "preserve_weight": 2.0}, "preserve_weight.*preserve_edits=True"),
+    ({"method": "encore", "preserve_weight": float("inf")}, "preserve_weight.*finite"),
+])
+def test_refresh_and_weight_need_preserved_keys(fresh, tokenizer, covariances, setting, match):
+    with pytest.raises(HyperparameterError, match=match):
+        _editor(fresh("llama"), tokenizer, covariances, **setting)
 
 
 def test_preserve_weight_scales_earlier_keys_and_keeps_their_outputs_closer(fresh, tokenizer, covariances):
@@ -262,5 +267,6 @@ def test_preserve_weight_scales_earlier_keys_and_keeps_their_outputs_closer(fres
              for w, (_, first, r) in {1.0: run(1.0), 4.0: (ed, r1, r2)}.items()}
     assert moved[4.0] < 0.8 * moved[1.0], moved
     ed.undo()
-    k1 = r1.keys[1].double()
-    assert torch.allclose(ed.earlier[1], 4.0 * (k1.T @ k1), atol=1e-8)
+    for l in (1, 2):
+        k1 = r1.keys[l].double()
+        assert torch.allclose(ed.earlier[l], 4.0 * (k1.T @ k1), atol=1e-8)

@@ -256,3 +256,20 @@ def test_resume_with_refreshed_keys_equals_an_uninterrupted_run(fresh, tokenizer
         loaded.edit(REQUESTS[1:])
     assert_same(model, before)
     assert len(Ledger.open(tmp_path / "p").batches) == 1
+
+
+def test_a_ledger_from_before_the_lifelong_options_loads_with_their_defaults(uninterrupted, fresh, tokenizer, tmp_path):
+    """A ledger whose batches were written before preserve_weight and refresh_earlier_keys existed
+    (no such keys in their hyperparameters) loads bit for bit, with the defaults 1.0 and False."""
+    path, weights, earlier = uninterrupted
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for b in m["batches"]:
+        assert b["hparams"].pop("preserve_weight") == 1.0 and b["hparams"].pop("refresh_earlier_keys") is False
+    (old / "manifest.json").write_text(json.dumps(m))
+    model = fresh("llama")
+    ed = lmedit.Editor.load(model, tokenizer, old, covariances=spd_covariances(model, [1, 2]))
+    assert_same(model, weights)
+    assert ed.hparams.preserve_weight == 1.0 and not ed.hparams.refresh_earlier_keys
+    assert all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)

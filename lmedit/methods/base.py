@@ -11,7 +11,6 @@ batch). Everything else (keys, targets, statistics, distribution over layers) is
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import ClassVar
 

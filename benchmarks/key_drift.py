@@ -28,9 +28,8 @@ import torch
 
 from lmedit._fs import write_json
 from lmedit.core.keys import collect_keys
-from lmedit.editor import Editor
+from lmedit.editor import Editor, batch_hparams
 from lmedit.ledger import Ledger
-from lmedit.methods import get_method
 from lmedit.models.loading import load_model
 from lmedit.requests import EditRequest
 
@@ -48,9 +47,7 @@ def main() -> int:
         ap.error(f"need 1 <= --probe <= --upto <= {len(ledger.batches)} (the ledger's batches)")
     model, tok = load_model(args.model)
     meta = ledger.batches[args.probe - 1]
-    hp = {k: v for k, v in meta["hparams"].items() if k not in ("preset", "chunk_requests")}
-    ed = Editor(model, tok, meta["method"], hparams=get_method(meta["method"]).hparams_cls.from_dict(hp),
-                context=ledger.manifest["context"])
+    ed = Editor(model, tok, meta["method"], hparams=batch_hparams(meta), context=ledger.manifest["context"])
     ledger.check_base(model, ed.adapter, ed.base_fingerprint)
     records = [ledger.read_batch(i) for i in range(args.upto)]
     probe = records[args.probe - 1]

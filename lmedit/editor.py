@@ -713,13 +713,12 @@ class Editor:
         ledger = Ledger.open(path)
         if not ledger.batches:
             raise CacheError(f"ledger {ledger.path} holds no batch yet")
-        last = dict(ledger.batches[-1]["hparams"])
-        preset = last.pop("preset", None)
-        last.pop("chunk_requests", None)  # how to chunk is this machine's choice (the vectors do not depend on it)
-        method = method or ledger.batches[-1]["method"]
-        hp = get_method(method).hparams_cls.from_dict(last) if method == ledger.batches[-1]["method"] else None
-        editor = cls(model, tokenizer, method, hparams=hp, preset=None if hp is not None else preset,
-                     keep_history=keep_history, progress=progress, stats_dir=stats_dir, **overrides)
+        last = ledger.batches[-1]
+        method = method or last["method"]
+        hp = batch_hparams(last) if method == last["method"] else None
+        preset = None if hp is not None else last["hparams"].get("preset")
+        editor = cls(model, tokenizer, method, hparams=hp, preset=preset, keep_history=keep_history, progress=progress,
+                     stats_dir=stats_dir, **overrides)
         ledger.check_base(model, editor.adapter, editor.base_fingerprint)
         records = [ledger.read_batch(i) for i in range(len(ledger.batches))]  # all checksums before any write
         earlier = ledger.read_state()
@@ -766,6 +765,13 @@ class Editor:
                             state_before=state_before)
         self._record(result)
         return result
+
+
+def batch_hparams(batch: Mapping[str, Any]) -> EditHParams:
+    """The hyperparameters a ledger batch (an entry of ``Ledger.batches``) was edited with; its chunk size
+    is left to this machine (the vectors do not depend on it), keys added since take their defaults."""
+    values = {k: v for k, v in batch["hparams"].items() if k not in ("preset", "chunk_requests")}
+    return get_method(batch["method"]).hparams_cls.from_dict(values)
 
 
 def _method_of(hparams: EditHParams) -> str:

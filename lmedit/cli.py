@@ -1,4 +1,4 @@
-"""Command line: ``lmedit demo | edit | eval | sweep | trace | list | ledger show|lora``; a thin layer over the library.
+"""Command line: ``lmedit demo | edit | eval | sweep | trace | list | ledger show|lora|undo|export``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
 (``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
@@ -103,7 +103,7 @@ def _lora_args(p: argparse.ArgumentParser, flag: str, help_text: str, required: 
 
 
 def _ledger_parser(sub) -> None:
-    p = sub.add_parser("ledger", help="inspect an edit ledger, or export it as a LoRA adapter")
+    p = sub.add_parser("ledger", help="inspect an edit ledger, drop its last batches, or export it (LoRA, model)")
     lsub = p.add_subparsers(dest="ledger_command", required=True)
     q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
     q.add_argument("path")
@@ -113,6 +113,17 @@ def _ledger_parser(sub) -> None:
     q.add_argument("path")
     q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
     _lora_args(q, "--out", "the adapter directory to write", required=True)
+    q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("undo", help="drop the last batches (the base model plus the ledger is then the model as it "
+                        "was before them)")
+    q.add_argument("path")
+    q.add_argument("--batches", type=int, default=1, help="how many of the last batches to drop (default 1)")
+    q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("export", help="write the edited model (base model plus every batch) as a Hugging Face "
+                        "model directory (safetensors, with the tokenizer)")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
+    q.add_argument("--out", required=True, help="the model directory to write (must not exist, or be empty)")
     q.add_argument("--json", action="store_true")
 
 
@@ -346,6 +357,8 @@ def cmd_edit(args) -> int:
         raise _UsageError("the following arguments are required: --requests (see `lmedit edit --help`)")
     requests = _requests(args, args.requests)
     overrides = _overrides(args)
+    if args.save_model:
+        _refuse_taken(args.save_model)  # before the edit, not after it
     model, tok = _load(args)
     result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
                                   ledger=args.ledger, hparams=_hparams(args), stats_dir=args.stats_dir)
@@ -362,17 +375,31 @@ def cmd_edit(args) -> int:
         if not args.json:
             print(lora.describe())
     if args.save_model:
-        from lmedit._fs import atomic_path
-
-        with atomic_path(args.save_model, directory=True) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        _save_model(model, tok, args.save_model)
         report["model_dir"] = str(args.save_model)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         _print_table(report)
     return 0
+
+
+def _refuse_taken(out: str) -> None:
+    from lmedit.errors import CacheError
+
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise CacheError(f"{out} exists and is not an empty directory; choose another path or remove it first")
+
+
+def _save_model(model, tok, out: str) -> None:
+    """The model and tokenizer as a Hugging Face directory (safetensors), written whole or not at all;
+    an existing non-empty directory is refused, never replaced."""
+    from lmedit._fs import atomic_path
+
+    _refuse_taken(out)
+    with atomic_path(out, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def cmd_stats(args) -> int:
@@ -530,11 +557,34 @@ def cmd_eval(args) -> int:
 
 def cmd_ledger(args) -> int:
     import lmedit
+    from lmedit.errors import CacheError
     from lmedit.ledger import Ledger
 
     ledger = Ledger.open(args.path)
-    model, _ = lmedit.load_model(args.model)
+    if args.ledger_command == "undo":  # files only: no model needed
+        n = len(ledger.batches)
+        if not 1 <= args.batches <= n:
+            raise CacheError(f"ledger {ledger.path} holds {n} batch(es); --batches must be 1..{n}, got {args.batches}")
+        dropped = ledger.truncate(n - args.batches)
+        report = {"path": str(ledger.path), "dropped": [b["index"] for b in dropped],
+                  "dropped_requests": sum(b["n_requests"] for b in dropped), "batches": len(ledger.batches),
+                  "requests": ledger.n_requests}
+        print(json.dumps(report, indent=1) if args.json else
+              f"ledger {ledger.path}: dropped batch(es) {report['dropped']} ({report['dropped_requests']} requests); "
+              f"{report['batches']} batches, {report['requests']} requests left")
+        return 0
+    model, tok = lmedit.load_model(args.model)
     adapter = lmedit.get_adapter(model)
+    if args.ledger_command == "export":
+        _refuse_taken(args.out)  # before the replay
+        editor = lmedit.Editor.load(model, tok, ledger.path)  # checks the base model and every file first
+        _save_model(model, tok, args.out)
+        report = {"out": str(args.out), "ledger": str(ledger.path), "base_model": editor.base_fingerprint,
+                  "batches": len(ledger.batches), "requests": ledger.n_requests}
+        print(json.dumps(report, indent=1) if args.json else
+              f"wrote {report['out']}: base model {report['base_model']} with the {report['batches']} batches "
+              f"({report['requests']} requests) of {report['ledger']} applied")
+        return 0
     if args.ledger_command == "lora":
         from lmedit.lora import save_lora
         from lmedit.models.loading import fingerprint

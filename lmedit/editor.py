@@ -629,7 +629,8 @@ class Editor:
         result.why = "it was made with keep_history=False, so no copy of the original weights was kept"
 
     def undo(self, result: EditResult | None = None) -> EditResult:
-        """Undo ``result`` (default: the latest edit), bit-exactly; edits are undone newest first."""
+        """Undo ``result`` (default: the latest edit), bit-exactly; edits are undone newest first. With a
+        ledger, the edit's batch is dropped from it first (``Ledger.truncate``)."""
         if result is None:
             if not self.history:
                 raise LmeditError("nothing to undo: this Editor's history is empty")
@@ -640,9 +641,6 @@ class Editor:
             raise LmeditError(f"this edit cannot be undone: {result.why}")
         if result not in self.history:
             raise LmeditError("this edit is not on this Editor's history")
-        if self.ledger is not None:
-            raise LmeditError(f"this Editor appends to the ledger {self.ledger.path}: undoing an edit would leave the "
-                              "ledger ahead of the weights (reload the base model and the ledger instead)")
         later = len(self.history) - 1 - self.history.index(result)
         if later:
             raise LmeditError(f"undo the {later} later edit(s) first (edits are undone in reverse order)")
@@ -650,6 +648,12 @@ class Editor:
         if changed:
             raise LmeditError(f"the weights of layer(s) {changed} were changed after this edit (by another Editor, "
                               "an lmedit.edit call or a write outside lmedit); undo that change first")
+        if self.ledger is not None:  # each edit appended one batch: drop it first (the ledger is never ahead)
+            last = self.ledger.batches[-1] if self.ledger.batches else None
+            if last is None or last["n_requests"] != len(result.requests):
+                raise LmeditError(f"the ledger {self.ledger.path} does not end with this edit's batch (was it changed "
+                                  "by another process?); reload the base model and the ledger")
+            self.ledger.truncate(len(self.ledger.batches) - 1)
         restore(self.model, self.adapter, result.applied.originals)
         if result.hparams is not None and result.hparams.preserve_edits:
             for l, k in result.keys.items():  # take the edit's keys out of the preserved set again

@@ -21,7 +21,8 @@ Layout of a ledger directory::
 A batch is in the ledger exactly when the manifest lists it: its files are written (atomically)
 first, then the manifest is replaced atomically, so a process killed at any moment leaves the
 previous complete ledger. Reading checks the format version, the base model, and every file's
-checksum before any weight changes.
+checksum before any weight changes. ``Ledger.truncate`` (``Editor.undo``, ``lmedit ledger undo``)
+drops the last batches the same way: the manifest write commits it.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Ledger:
         old_state, old_protected = self.manifest.get("state"), self.manifest.get("protected", 0)
         self.batches.append({"index": n, "method": record.method, "hparams": record.hparams,
                              "n_requests": len(record.requests), "layers": sorted(record.deltas),
+                             "protected": protected,  # protected facts in the state after this batch
                              **{f"{k}_file": v for k, v in files.items()},
                              **{f"{k}_sha256": sha256_file(self.path / v) for k, v in files.items()}})
         self.manifest["state"] = state
@@ -154,6 +156,57 @@ class Ledger:
             raise
         if old_state and (state is None or old_state["file"] != state["file"]):
             (self.path / old_state["file"]).unlink(missing_ok=True)
+
+    def truncate(self, keep: int) -> list[dict[str, Any]]:
+        """Drop every batch after the first ``keep``, so the base model plus the ledger is the model as it
+        was after batch ``keep``; returns the dropped batches' manifest entries.
+
+        The sum of earlier keys loses the dropped batches' keys (subtracted in float64, as
+        ``Editor.undo`` does; with ``refresh_earlier_keys`` the next edit reads the sum again anyway).
+        Refused, with nothing changed, when a dropped batch's files fail their checksums or when
+        protected facts were added with a dropped batch (a ledger keeps only their keys' sum, so they
+        cannot be taken out). The manifest write commits the truncation; files of dropped batches left
+        by a kill after it are unlisted and overwritten by the next append.
+        """
+        n = len(self.batches)
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < n:
+            raise CacheError(f"ledger {self.path} holds {n} batch(es): keep must be 0..{n - 1} to drop any, got {keep!r}")
+        protected = self.manifest.get("protected", 0)
+        kept_protected = self.batches[keep - 1].get("protected") if keep else 0
+        if protected and kept_protected != protected:
+            raise CacheError(f"ledger {self.path}: {protected} protected facts are in its sum of earlier keys, "
+                             f"{'some' if kept_protected is None else protected - kept_protected} of them added "
+                             f"after batch {keep} (or the ledger does not say when); a ledger keeps only their keys' "
+                             "sum, so they cannot be taken out of it again")
+        dropped = [self.read_batch(i) for i in range(keep, n)]  # every checksum before anything changes
+        earlier = self.read_state()
+        for record in reversed(dropped):
+            if record.hparams.get("preserve_edits"):
+                w = float(record.hparams.get("preserve_weight", 1.0))
+                for l, k in record.keys.items():
+                    k64 = k.to(torch.float64)
+                    earlier[l] = earlier[l] - w * (k64.T @ k64)
+        old_state, entries = self.manifest.get("state"), self.batches[keep:]
+        state = None
+        if keep and (protected or any(b["hparams"].get("preserve_edits") for b in self.batches[:keep])):
+            state = {"file": f"state-{keep:05d}.safetensors"}
+            with atomic_path(self.path / state["file"]) as tmp:
+                save_file({f"earlier.{l}": e.contiguous() for l, e in earlier.items()}, str(tmp))
+            state["sha256"] = sha256_file(self.path / state["file"])
+        if keep == 0:
+            (self.path / MANIFEST).unlink()  # commits: the directory is a new, empty ledger again
+            self.manifest["batches"], self.manifest["state"] = [], None
+        else:
+            manifest = {**self.manifest, "batches": self.batches[:keep], "state": state}
+            with atomic_path(self.path / MANIFEST) as tmp:
+                tmp.write_text(json.dumps(manifest, indent=1))
+            self.manifest = manifest
+        for b in entries:
+            for kind in ("tensors", "requests"):
+                (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)
+        if old_state and (state is None or old_state["file"] != state["file"]):
+            (self.path / old_state["file"]).unlink(missing_ok=True)
+        return entries
 
     def read_batch(self, i: int) -> BatchRecord:
         """Batch ``i`` (0-based), its files checked against the manifest's checksums."""

@@ -17,6 +17,10 @@ from lmedit.ledger import Ledger
 BATCHES = [REQUESTS[:1], REQUESTS[1:], OTHER]
 
 
+def adapter_weight(model, layer: int = 2) -> torch.Tensor:
+    return lmedit.get_adapter(model).weight(model, layer).detach()
+
+
 def _editor(model, tok, method="encore", **kw):
     args = edit_kwargs("memit")
     return lmedit.Editor(model, tok, method, covariances=spd_covariances(model, args["layers"]), **args, **kw)
@@ -141,14 +145,82 @@ def test_another_or_edited_base_model_is_refused(uninterrupted, fresh, tokenizer
     assert_same(model, edited)
 
 
-def test_a_new_editor_refuses_an_existing_ledger_and_undo_is_refused(uninterrupted, fresh, tokenizer, tmp_path):
+def test_a_new_editor_refuses_an_existing_ledger(uninterrupted, fresh, tokenizer):
     model = fresh("llama")
     with pytest.raises(CacheError, match="open it with Editor.load"):
         _editor(model, tokenizer, ledger=uninterrupted[0])
-    ed = _editor(model, tokenizer, ledger=tmp_path / "new")
+
+
+def test_undo_drops_the_batch_from_the_ledger(uninterrupted, fresh, tokenizer, tmp_path):
+    """Editor.undo with a ledger: the weights go back bit for bit and the ledger loses the batch, so
+    the base model plus the ledger is the model before it; editing on gives the uninterrupted run
+    (the sum of earlier keys is the same up to float64 rounding of the subtraction)."""
+    path, weights, earlier = uninterrupted
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "l")
+    for b in BATCHES[:2]:
+        ed.edit(b)
+    after_two, earlier_two = snapshot(model), {l: e.clone() for l, e in ed.earlier.items()}
+    ed.edit(REQUESTS)  # a wrong batch
+    ed.undo()
+    assert_same(model, after_two)
+    assert len(Ledger.open(tmp_path / "l").batches) == 2 and ed.n_earlier == 2
+    assert all(torch.allclose(ed.earlier[l], earlier_two[l], rtol=0, atol=1e-9) for l in earlier_two)
+    reloaded = fresh("llama")
+    again = lmedit.Editor.load(reloaded, tokenizer, tmp_path / "l", covariances=spd_covariances(reloaded, [1, 2]))
+    assert_same(reloaded, after_two)
+    assert again.n_earlier == 2 and all(torch.allclose(again.earlier[l], earlier_two[l], rtol=0, atol=1e-9)
+                                         for l in earlier_two)
+    ed.edit(BATCHES[2])
+    for name, w in snapshot(model).items():
+        assert torch.allclose(w, weights[name], rtol=1e-4, atol=1e-6), name
+    ed.undo(), ed.undo(), ed.undo()  # down to no batch at all: a new, empty ledger directory
+    assert not (tmp_path / "l" / "manifest.json").exists() and not list((tmp_path / "l").glob("*.safetensors"))
+    assert_same(model, snapshot(fresh("llama")))
+    ed.edit(BATCHES[0])  # the same Editor appends to it again
+    assert len(Ledger.open(tmp_path / "l").batches) == 1
+
+
+def test_cli_undo_truncates_and_refuses_what_it_cannot_take_out(uninterrupted, fresh, tokenizer, tmp_path, capsys):
+    from lmedit.cli import main
+
+    path = tmp_path / "copy"
+    shutil.copytree(uninterrupted[0], path)
+    for bad in ("0", "4"):
+        assert main(["ledger", "undo", str(path), "--batches", bad]) == 2
+        assert "--batches must be 1..3" in capsys.readouterr().err
+    assert main(["ledger", "undo", str(path), "--batches", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"path": str(path), "dropped": [2, 3], "dropped_requests": 2, "batches": 1, "requests": 1}
+    assert sorted(f.name for f in path.iterdir()) == ["batch-00001.json", "batch-00001.safetensors", "manifest.json",
+                                                     "state-00001.safetensors"]
+    # the same as a ledger of the first batch alone
+    model = fresh("llama")
+    one = _editor(model, tokenizer, ledger=tmp_path / "one", keep_history=False)
+    one.edit(BATCHES[0])
+    loaded = fresh("llama")
+    again = lmedit.Editor.load(loaded, tokenizer, path, covariances=spd_covariances(loaded, [1, 2]))
+    assert_same(loaded, snapshot(model))
+    assert all(torch.allclose(again.earlier[l], one.earlier[l], rtol=0, atol=1e-9) for l in one.earlier)
+
+    # protected facts added with a batch cannot be taken out of the sum: refused, nothing changes
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "p", keep_history=False)
     ed.edit(BATCHES[0])
-    with pytest.raises(LmeditError, match="ledger ahead of the weights"):
-        ed.undo()
+    ed.protect(OTHER)
+    ed.edit(BATCHES[1])
+    files = {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()}
+    with pytest.raises(CacheError, match="protected facts"):
+        Ledger.open(tmp_path / "p").truncate(1)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == files
+    # a dropped batch that fails its checksum: refused, nothing changes
+    with open(path / "batch-00001.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"corrupt!")
+    files = {f.name: f.read_bytes() for f in path.iterdir()}
+    assert main(["ledger", "undo", str(path)]) == 2
+    assert "fails its sha256 checksum" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == files
 
 
 def test_summary_reports_batches_and_norm_growth(uninterrupted, fresh):
@@ -201,6 +273,12 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
         assert main(["ledger", "lora", str(tmp_path / "led"), "--model", str(tmp_path / "llama"), "--json",
                      "--out", str(tmp_path / "lora-cut"), "--lora-rank", "1"]) == 0
         cut = json.loads(capsys.readouterr().out)
+        assert main(["ledger", "export", str(tmp_path / "led"), "--model", str(tmp_path / "llama"), "--json",
+                     "--out", str(tmp_path / "merged")]) == 0
+        exported = json.loads(capsys.readouterr().out)
+        assert main(["ledger", "export", str(tmp_path / "led"), "--model", str(tmp_path / "llama"),
+                     "--out", str(tmp_path / "merged")]) == 2  # an existing model directory is never replaced
+        assert "not an empty directory" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
     assert first["ledger"] == {"path": str(tmp_path / "led"), "batches": 1, "requests": 1}
@@ -214,6 +292,12 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
     assert all(1 < l["rank"] == l["full_rank"] <= n for l in second["lora"]["layers"])
     assert second["lora"]["max_rel_error"] < 1e-6
     assert all(l["rank"] == 1 < l["full_rank"] for l in cut["layers"]) and cut["max_rel_error"] > 0
+    assert exported["batches"] == 2 and exported["requests"] == 2
+    merged_model, _ = lmedit.load_model(str(tmp_path / "merged"))  # a loadable model: the base plus the ledger
+    replayed, _ = lmedit.load_model(str(tmp_path / "llama"))
+    lmedit.Editor.load(replayed, tokenizer, tmp_path / "led")
+    assert_same(merged_model, snapshot(replayed))
+    assert not torch.equal(adapter_weight(merged_model), adapter_weight(lmedit.load_model(str(tmp_path / "llama"))[0]))
     peft = pytest.importorskip("peft")
     adapter = lmedit.get_adapter(model)
     merged = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "lora")).merge_and_unload()

@@ -38,6 +38,14 @@ def chat_prompt(tokenizer, text: str) -> str:
     return out
 
 
+def is_chat_form(tokenizer, text: str) -> bool:
+    """Whether ``text`` is a prompt wrapped by :func:`chat_prompt` (the template's text around the user turn)."""
+    if not has_chat_template(tokenizer):
+        return False
+    before, _, after = chat_prompt(tokenizer, "{}").partition("{}")
+    return len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after)
+
+
 def chat_groups(tokenizer, groups: Sequence[Sequence[str]]) -> list[list[str]]:
     """Each context-template group with every template inside the user turn."""
     return [[chat_prompt(tokenizer, t) for t in g] for g in groups]

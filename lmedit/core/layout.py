@@ -37,6 +37,7 @@ class TargetLayout:
     loss_cols: torch.Tensor  # (M,) column (>= S) whose logits predict it
     loss_tok: torch.Tensor  # (M,) the target token id
     loss_w: torch.Tensor  # (M,) weight 1 / (len(target) * n_templates)
+    loss_counted: torch.Tensor  # (M,) bool: its template counts for the most-probable stop
 
     def to(self, device: torch.device) -> "TargetLayout":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -69,10 +70,15 @@ def _rows(requests: Sequence[EditRequest], templates: Sequence[str]) -> tuple[li
     return filled, subjects, req, kl
 
 
-def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str]) -> TargetLayout:
-    """Tokenise every (request, template) sequence with its target and align the subject-last tokens."""
+def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
+                 counted: Sequence[bool] | None = None) -> TargetLayout:
+    """Tokenise every (request, template) sequence with its target and align the subject-last tokens.
+    ``counted`` (one per template, default all): the templates whose argmax the most-probable stop reads."""
     if not templates or templates[0] != "{}":
         raise ValueError(f"the first context template must be the bare prompt '{{}}', got {list(templates[:1])}")
+    counted = [True] * len(templates) if counted is None else [bool(c) for c in counted]
+    if len(counted) != len(templates) or not any(counted):
+        raise ValueError(f"counted must hold one flag per template ({len(templates)}), at least one set; got {counted}")
     cont = encode_continuations(tokenizer, [r.text for r in requests], [r.target_new for r in requests])
     target_ids = [c for _, c in cont]  # target tokens of each request, read after its bare prompt
     filled, subjects, req_idx, kl = _rows(requests, templates)
@@ -83,7 +89,7 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
     own_ids = dict(zip(own, (c for _, c in encode_continuations(
         tokenizer, [fill(filled[j], subjects[j])[0] for j in own], [requests[req_idx[j]].target_new for j in own]))))
     full: list[list[int]] = []
-    rows, cols_rel, toks, weights = [], [], [], []
+    rows, cols_rel, toks, weights, counts = [], [], [], [], []
     for j, (s, i, is_kl) in enumerate(zip(seqs, req_idx, kl)):
         tgt = [] if is_kl else own_ids.get(j, target_ids[i])
         full.append(s.ids + tgt[:-1])
@@ -92,6 +98,7 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
             cols_rel.append(len(s.ids) - 1 + k - s.subject_last)  # relative to the subject-last column
             toks.append(t)
             weights.append(1.0 / (len(tgt) * len(templates)))
+            counts.append(counted[j % len(templates)])  # target rows are request-major: j = i * T + template
     if min(cols_rel, default=0) < 0:
         raise RequestError("a target token is predicted before the subject's last token; check the prompts")
     S = max(s.subject_last for s in seqs)
@@ -109,6 +116,7 @@ def build_layout(tokenizer, requests: Sequence[EditRequest], templates: Sequence
         plain_rows=torch.arange(len(requests)) * len(templates),
         loss_rows=torch.tensor(rows, dtype=torch.long), loss_cols=torch.tensor(cols_rel, dtype=torch.long) + S,
         loss_tok=torch.tensor(toks, dtype=torch.long), loss_w=torch.tensor(weights, dtype=torch.float32),
+        loss_counted=torch.tensor(counts, dtype=torch.bool),
     )
 
 

@@ -17,7 +17,8 @@ with Adam and ||delta|| clamped to clamp_norm_factor * ||init||. A request stops
 below early_stop_loss, or (``early_stop="most_probable"``, ENCORE's most-probable early stopping)
 once target_new has been the most probable continuation, token by token (teacher forced), on all
 of its prompts at ``mpes_extra_steps + 1`` steps (counted, as ENCORE does, not necessarily in a
-row; ENCORE's Llama-2 setting is 2 extra steps). ``init`` is the block output (MEMIT/EMMET, ``anchor="block"``) or the MLP output (ROME,
+row; ENCORE's Llama-2 setting is 2 extra steps); ``mpes_prompts="plain"`` reads only the prompts not
+in the chat form, where target_new becomes the argmax far later (results/README.md, MPES). ``init`` is the block output (MEMIT/EMMET, ``anchor="block"``) or the MLP output (ROME,
 ``anchor="mlp"``) at that token in the bare prompt. Adding delta to the MLP output and to the block
 output is the same operation for every supported architecture (the MLP is the last residual
 branch of a block), so ROME and MEMIT share this code.
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmedit.chat import is_chat_form
 from lmedit.config import Config, param
 from lmedit.core.hfcompat import KV, attention_impl, cache_kwarg, cache_to_kv, frozen, make_cache, only_blocks_after
 from lmedit.core.layout import TargetLayout, build_layout, buckets
@@ -75,14 +77,20 @@ class TargetConfig(Config):
                             choices=("loss", "most_probable"))
     mpes_extra_steps: int = param(2, "with early_stop='most_probable': a request stops at the (n+1)-th step "
                                   "at which target_new is the argmax on all its prompts", min=0)
+    mpes_prompts: str = param("all", "with early_stop='most_probable': the prompts on which target_new must be the "
+                              "argmax: 'all', or 'plain' (not those in the chat form, which reach it late; they are "
+                              "still optimised)", choices=("all", "plain"))
     chunk_requests: int = param(0, "requests optimised together; 0: all up to 256 on a CUDA device, else 64 (either "
                                 "split further to fit the memory budget)", min=0)
     compute_dtype: str = param("model", "dtype of the optimisation's forward passes; 'auto': bfloat16 where its "
                                "matmuls are native (a bf16 copy of the model), else the model's", choices=COMPUTE_DTYPES)
 
     def target_settings(self) -> dict:
-        """The values target vectors depend on (chunking does not change them)."""
-        return {f: getattr(self, f) for f in TargetConfig.field_names() if f != "chunk_requests"}
+        """The values target vectors depend on (chunking does not change them). ``mpes_prompts`` is named
+        only when it is not 'all' (which is how every vector was computed before it existed), so
+        vectors saved then still compare equal."""
+        return {f: getattr(self, f) for f in TargetConfig.field_names()
+                if f != "chunk_requests" and not (f == "mpes_prompts" and self.mpes_prompts == "all")}
 
 
 _TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")  # the per-request tensors of a TargetResult
@@ -468,7 +476,7 @@ class _Resumed:
         logp = torch.log_softmax(logits, -1)
         tok = lay.loss_tok[e].to(out)
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
-        miss = (logits.detach().argmax(-1) != tok).float()
+        miss = ((logits.detach().argmax(-1) != tok) & lay.loss_counted[e].to(out)).float()
         where = seq_req[r].to(out)
         return nll.index_add(0, where, -tok_lp * lay.loss_w[e].to(out)), wrong.index_add(0, where, miss)
 
@@ -504,10 +512,17 @@ def _stopped(config: TargetConfig, loss: torch.Tensor, hits: torch.Tensor) -> to
     return done
 
 
+def _counted(tokenizer, templates: Sequence[str], config: TargetConfig) -> list[bool] | None:
+    """Per template, whether the most-probable stop reads its argmax (None: every template)."""
+    if config.early_stop != "most_probable" or config.mpes_prompts == "all":
+        return None
+    return [not is_chat_form(tokenizer, t) for t in templates]
+
+
 def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
                     templates: Sequence[str], layer: int, config: TargetConfig, anchor: str) -> TargetResult:
     device = model_device(model)
-    lay = build_layout(tokenizer, requests, templates).to(device)
+    lay = build_layout(tokenizer, requests, templates, _counted(tokenizer, templates, config)).to(device)
     B = len(requests)
     with frozen(model):
         pre = _prefix_pass(model, adapter, lay, layer, anchor)

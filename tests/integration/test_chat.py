@@ -15,7 +15,7 @@ import lmedit
 from helpers import REQUESTS, edit_kwargs, spd_covariances
 from lmedit.chat import chat_groups, chat_prompt
 from lmedit.core.layout import build_layout
-from lmedit.core.tokens import encode_continuations
+from lmedit.core.tokens import encode_continuations, encode_subject_prompts
 from lmedit.errors import RequestError
 from lmedit.evaluate.runner import evaluate_requests, record_scores
 
@@ -113,3 +113,62 @@ def test_auto_follows_the_tokenizer(fresh, tokenizer):
     forced = lmedit.Editor(model, tok, "emmet", covariances=spd_covariances(model, kw["layers"]), chat_prompts="on", **kw)
     with pytest.raises(RequestError, match="chat template"):
         forced.edit(REQUESTS)
+
+
+def test_is_chat_form_tells_the_wrapped_prompts(tokenizer):
+    from lmedit.chat import is_chat_form
+
+    assert is_chat_form(tokenizer, chat_prompt(tokenizer, "{}"))
+    assert is_chat_form(tokenizer, chat_prompt(tokenizer, "A context. {}"))
+    assert not is_chat_form(tokenizer, "{}") and not is_chat_form(tokenizer, "A context. {}")
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    assert not is_chat_form(tok, chat_prompt(tokenizer, "{}"))  # no template: nothing is in its form
+
+
+def test_layout_counts_the_chosen_templates_for_the_stop(tokenizer):
+    templates = ["{}", chat_prompt(tokenizer, "{}")]
+    lay = build_layout(tokenizer, REQUESTS, templates, counted=[True, False])
+    plain_rows = torch.tensor([0, 2])  # request-major: request i's template t is sequence 2 i + t
+    assert torch.equal(lay.loss_counted, torch.isin(lay.loss_rows, plain_rows))
+    assert build_layout(tokenizer, REQUESTS, templates).loss_counted.all()
+    for bad in ([True], [False, False]):
+        with pytest.raises(ValueError, match="one flag per template"):
+            build_layout(tokenizer, REQUESTS, templates, counted=bad)
+
+
+def test_most_probable_stop_on_plain_prompts_waits_only_for_them(fresh, tokenizer):
+    """mpes_prompts="plain": the chat rows are still optimised, but the stop reads only the plain ones,
+    so each request stops no later than when it waits for every row, and only once target_new is the
+    argmax of its plain prompts."""
+    kw = {**edit_kwargs("emmet"), "chat_prompts": "on", "early_stop": "most_probable", "mpes_extra_steps": 0,
+          "v_num_grad_steps": 25, "early_stop_loss": 1e-6}
+    model = fresh("llama")
+    ed = lmedit.Editor(model, tokenizer, "emmet", covariances=spd_covariances(model, kw["layers"]), **kw)
+    every = ed.compute_targets(REQUESTS)
+    plain = ed.compute_targets(REQUESTS, mpes_prompts="plain")
+    assert (plain.steps <= every.steps).all() and (plain.steps < every.steps).any()
+    assert every.provenance["config"] != plain.provenance["config"]  # reusing one for the other is refused
+    assert plain.provenance["templates"] == every.provenance["templates"]  # the chat rows are still optimised
+    adapter = lmedit.get_adapter(model)
+    layer = kw["layers"][-1]
+    seqs = encode_subject_prompts(tokenizer, [r.prompt for r in REQUESTS], [r.subject for r in REQUESTS])
+    conts = encode_continuations(tokenizer, [r.text for r in REQUESTS], [r.target_new for r in REQUESTS])
+    for i, (seq, (ids, target)) in enumerate(zip(seqs, conts)):  # at the stop, target_new is the plain argmax
+        assert ids == seq.ids
+        first, last = target[0], seq.subject_last
+        out = adapter.block(model, layer)
+
+        def shift(_m, _inp, o, d=plain.delta[i]):
+            h = o[0] if isinstance(o, tuple) else o
+            h = h.clone()
+            h[0, last] += d.to(h.dtype)
+            return (h, *o[1:]) if isinstance(o, tuple) else h
+
+        handle = out.register_forward_hook(shift)
+        try:
+            with torch.no_grad():
+                nxt = model(torch.tensor([ids])).logits[0, -1].argmax()
+        finally:
+            handle.remove()
+        assert int(nxt) == first

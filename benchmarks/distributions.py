@@ -21,6 +21,9 @@ So they are optimised once, for the first N records in chunks of 64, each chunk 
 ``<out>/targets/<data>/`` as it finishes (``Editor.save_targets``), and every cell of every batch
 size and method (MEMIT and EMMET share the preset's target settings) reads the same vectors: the
 cells differ only in what the comparison is about, and a killed run resumes at the chunk it was in.
+``--targets-only --records N`` computes (or completes) the vectors of the first N records and stops:
+``python benchmarks/distributions.py --targets-only --records 9999 --methods emmet`` prepares the
+frozen-target protocol of ``benchmarks/lifelong.py`` for all of counterfact_train_10000.
 
 Per cell (one JSON each under ``<out>/b<B>/``; a finished cell is skipped when run again):
 ES / PS / NS / Score and magnitudes, the residual still missing at the last layer after the edit
@@ -216,6 +219,10 @@ def main() -> None:
                     "emmet_lambda=1.0 (cells are labelled DIST+KEY=VALUE; the target settings must stay the "
                     "preset's for the cells to share the target vectors)")
     ap.add_argument("--out", default="results/distributions")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="only compute (or complete) the shared target vectors of the first --records records of "
+                         "--data into OUT/targets/DATA, chunk by chunk (resumable; what --frozen-targets of "
+                         "benchmarks/lifelong.py reads), and edit nothing")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     overrides = dict(kv.split("=", 1) for kv in args.set.split(",")) if args.set else {}
@@ -226,6 +233,11 @@ def main() -> None:
     # one batch cannot ask one (subject, prompt) for two targets: the first record that asks it wins
     everything = lmedit.load_requests(args.data, drop_conflicts=True)
     targets_dir = out / "targets" / Path(args.data).stem
+    if args.targets_only:
+        method = args.methods.split(",")[0]
+        editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}))
+        shared_targets(editor, everything[:args.records], targets_dir)
+        return
     for bs in sizes:
         reqs = everything[:max(bs, args.records)]
         cell_dir = out / f"b{bs}"

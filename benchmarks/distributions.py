@@ -234,6 +234,9 @@ def main() -> None:
     everything = lmedit.load_requests(args.data, drop_conflicts=True)
     targets_dir = out / "targets" / Path(args.data).stem
     if args.targets_only:
+        if overrides:
+            raise SystemExit("--targets-only computes the preset's target vectors (what every cell shares); "
+                             "drop --set")
         method = args.methods.split(",")[0]
         editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}))
         shared_targets(editor, everything[:args.records], targets_dir)

@@ -38,12 +38,13 @@ def chat_prompt(tokenizer, text: str) -> str:
     return out
 
 
-def is_chat_form(tokenizer, text: str) -> bool:
-    """Whether ``text`` is a prompt wrapped by :func:`chat_prompt` (the template's text around the user turn)."""
+def is_chat_form(tokenizer):
+    """A test of whether a prompt was wrapped by :func:`chat_prompt` (the template's text around the
+    user turn): ``is_chat_form(tok)(text)``; the template is rendered once."""
     if not has_chat_template(tokenizer):
-        return False
+        return lambda text: False
     before, _, after = chat_prompt(tokenizer, "{}").partition("{}")
-    return len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after)
+    return lambda text: len(text) >= len(before) + len(after) and text.startswith(before) and text.endswith(after)
 
 
 def chat_groups(tokenizer, groups: Sequence[Sequence[str]]) -> list[list[str]]:

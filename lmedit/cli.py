@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="request file format (default: detected)")
     p.add_argument("--n", type=int, default=None, help="use the first N requests")
     p.add_argument("--save-deltas", default=None, help="write the weight updates to this .safetensors file")
-    p.add_argument("--save-model", default=None, help="save the edited model to this directory")
+    p.add_argument("--save-model", default=None, help="save the edited model to this directory (a new or empty one)")
     p.add_argument("--ledger", default=None, help="edit ledger directory: created, or replayed onto the base model "
                    "and appended to (the base model plus DIR is the edited model)")
     _lora_args(p, "--save-lora", "write the edit as a peft LoRA adapter directory (with --ledger: every batch of it)")
@@ -571,7 +571,8 @@ def cmd_ledger(args) -> int:
                   "requests": ledger.n_requests}
         print(json.dumps(report, indent=1) if args.json else
               f"ledger {ledger.path}: dropped batch(es) {report['dropped']} ({report['dropped_requests']} requests); "
-              f"{report['batches']} batches, {report['requests']} requests left")
+              + (f"{report['batches']} batches, {report['requests']} requests left" if ledger.batches else
+               "no batch is left: the directory is no ledger until the next `lmedit edit --ledger` into it"))
         return 0
     model, tok = lmedit.load_model(args.model)
     adapter = lmedit.get_adapter(model)

@@ -78,6 +78,7 @@ class EditResult:
     state: EditState = EditState.APPLIED
     why: str = ""  # why a SEALED edit cannot be undone
     state_before: int = field(default=0, repr=False)  # the Editor's weights state before this edit
+    ledger_batch: dict | None = field(default=None, repr=False)  # the ledger's entry of this edit's batch, if any
 
     @property
     def model(self) -> nn.Module:
@@ -341,7 +342,8 @@ class Editor:
                                    earlier if hp.preserve_edits else self.earlier, self.n_protected)
         timings["total_s"] = time.perf_counter() - t_start
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
-                            infos, keys, state_before=state_before)
+                            infos, keys, state_before=state_before,
+                            ledger_batch=dict(self.ledger.batches[-1]) if self.ledger is not None else None)
         if hp.preserve_edits:
             self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
             self.earlier_facts.extend(_Fact(r.prompt, r.subject) for r in reqs)
@@ -648,12 +650,18 @@ class Editor:
         if changed:
             raise LmeditError(f"the weights of layer(s) {changed} were changed after this edit (by another Editor, "
                               "an lmedit.edit call or a write outside lmedit); undo that change first")
-        if self.ledger is not None:  # each edit appended one batch: drop it first (the ledger is never ahead)
-            last = self.ledger.batches[-1] if self.ledger.batches else None
-            if last is None or last["n_requests"] != len(result.requests):
+        if self.ledger is not None:  # the edit's batch leaves the ledger first (the ledger is never ahead)
+            if result.ledger_batch is None:
+                raise LmeditError(f"this edit is not in the ledger {self.ledger.path} (apply_deltas writes none), so "
+                                  "undoing it would leave the ledger behind the weights")
+            on_disk = Ledger.open(self.ledger.path) if (self.ledger.path / "manifest.json").exists() else None
+            last = on_disk.batches[-1] if on_disk is not None and on_disk.batches else None  # as it is now
+            if last is None or (last["index"], last["tensors_sha256"]) != (result.ledger_batch["index"],
+                                                                            result.ledger_batch["tensors_sha256"]):
                 raise LmeditError(f"the ledger {self.ledger.path} does not end with this edit's batch (was it changed "
-                                  "by another process?); reload the base model and the ledger")
-            self.ledger.truncate(len(self.ledger.batches) - 1)
+                                  "by another process or by Ledger.truncate?); reload the base model and the ledger")
+            on_disk.truncate(len(on_disk.batches) - 1)
+            self.ledger = on_disk
         restore(self.model, self.adapter, result.applied.originals)
         if result.hparams is not None and result.hparams.preserve_edits:
             for l, k in result.keys.items():  # take the edit's keys out of the preserved set again
@@ -661,6 +669,9 @@ class Editor:
                 self.earlier[l] = self.earlier[l] - result.hparams.preserve_weight * (k64.T @ k64)
             self.n_earlier -= len(result.requests)
             del self.earlier_facts[len(self.earlier_facts) - len(result.requests):]
+        if self.ledger is not None and self.n_protected == self.ledger.manifest.get("protected", 0):
+            self.earlier = self.ledger.read_state()  # so that this Editor and a reload agree bit for bit
+            # (unless facts were protected since the last batch: the ledger has not recorded them yet)
         self.history.pop()
         result.state = EditState.UNDONE
         self._state, self._seen = result.state_before, self._param_versions()

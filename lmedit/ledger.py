@@ -12,7 +12,8 @@ Layout of a ledger directory::
 
     manifest.json             format, version, base model fingerprint, a sha256 of the base model's
                               edited weights, the context templates, and per batch: method,
-                              hyperparameters, request count, files and their sha256
+                              hyperparameters, request count, files and their sha256, and the
+                              count of protected facts in the state after it
     batch-00001.safetensors   delta.<layer> (d_out, d_in) float32, keys.<layer> (B, d_in) float32
     batch-00001.json          the batch's requests
     state-00001.safetensors   earlier.<layer>: the Editor's sum of earlier keys after that batch
@@ -22,7 +23,7 @@ A batch is in the ledger exactly when the manifest lists it: its files are writt
 first, then the manifest is replaced atomically, so a process killed at any moment leaves the
 previous complete ledger. Reading checks the format version, the base model, and every file's
 checksum before any weight changes. ``Ledger.truncate`` (``Editor.undo``, ``lmedit ledger undo``)
-drops the last batches the same way: the manifest write commits it.
+drops the last batches the same way: the manifest write (or, dropping all, its removal) commits it.
 """
 
 from __future__ import annotations
@@ -133,13 +134,10 @@ class Ledger:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "batch": str(n)})
         with atomic_path(self.path / files["requests"]) as tmp:
             tmp.write_text(json.dumps(record.requests))
-        state = None
-        if earlier:
-            state = {"file": f"state-{n:05d}.safetensors"}
-            with atomic_path(self.path / state["file"]) as tmp:
-                save_file({f"earlier.{l}": e.contiguous() for l, e in earlier.items()}, str(tmp))
-            state["sha256"] = sha256_file(self.path / state["file"])
+        state = self._write_state(n, earlier) if earlier else None
         old_state, old_protected = self.manifest.get("state"), self.manifest.get("protected", 0)
+        if self.batches:  # a ledger written before batches recorded it: the count after its last batch
+            self.batches[-1].setdefault("protected", old_protected)
         self.batches.append({"index": n, "method": record.method, "hparams": record.hparams,
                              "n_requests": len(record.requests), "layers": sorted(record.deltas),
                              "protected": protected,  # protected facts in the state after this batch
@@ -163,21 +161,21 @@ class Ledger:
 
         The sum of earlier keys loses the dropped batches' keys (subtracted in float64, as
         ``Editor.undo`` does; with ``refresh_earlier_keys`` the next edit reads the sum again anyway).
-        Refused, with nothing changed, when a dropped batch's files fail their checksums or when
-        protected facts were added with a dropped batch (a ledger keeps only their keys' sum, so they
-        cannot be taken out). The manifest write commits the truncation; files of dropped batches left
-        by a kill after it are unlisted and overwritten by the next append.
+        Protected facts stay protected (they are no edit; ``Editor.undo`` keeps them too), so dropping
+        every batch of a ledger that holds some is refused: their keys' sum needs a batch to travel
+        with. Refused, with nothing changed, when a dropped batch's files fail their checksums. The
+        manifest write commits the truncation; with ``keep=0`` its removal does, and the directory is
+        then no ledger until the next edit into it starts one. Files of dropped batches that a kill
+        leaves behind are unlisted, and overwritten as the ledger grows back.
         """
         n = len(self.batches)
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < n:
             raise CacheError(f"ledger {self.path} holds {n} batch(es): keep must be 0..{n - 1} to drop any, got {keep!r}")
         protected = self.manifest.get("protected", 0)
-        kept_protected = self.batches[keep - 1].get("protected") if keep else 0
-        if protected and kept_protected != protected:
-            raise CacheError(f"ledger {self.path}: {protected} protected facts are in its sum of earlier keys, "
-                             f"{'some' if kept_protected is None else protected - kept_protected} of them added "
-                             f"after batch {keep} (or the ledger does not say when); a ledger keeps only their keys' "
-                             "sum, so they cannot be taken out of it again")
+        if keep == 0 and protected:
+            raise CacheError(f"ledger {self.path}: its {protected} protected facts travel with a batch (a ledger keeps "
+                             "only their keys' sum); keep at least one batch, or start a new ledger and protect "
+                             "them again")
         dropped = [self.read_batch(i) for i in range(keep, n)]  # every checksum before anything changes
         earlier = self.read_state()
         for record in reversed(dropped):
@@ -187,26 +185,31 @@ class Ledger:
                     k64 = k.to(torch.float64)
                     earlier[l] = earlier[l] - w * (k64.T @ k64)
         old_state, entries = self.manifest.get("state"), self.batches[keep:]
-        state = None
-        if keep and (protected or any(b["hparams"].get("preserve_edits") for b in self.batches[:keep])):
-            state = {"file": f"state-{keep:05d}.safetensors"}
-            with atomic_path(self.path / state["file"]) as tmp:
-                save_file({f"earlier.{l}": e.contiguous() for l, e in earlier.items()}, str(tmp))
-            state["sha256"] = sha256_file(self.path / state["file"])
         if keep == 0:
-            (self.path / MANIFEST).unlink()  # commits: the directory is a new, empty ledger again
-            self.manifest["batches"], self.manifest["state"] = [], None
+            (self.path / MANIFEST).unlink()  # commits: no batch is listed any more
+            self.manifest = {**self.manifest, "batches": [], "state": None}
         else:
-            manifest = {**self.manifest, "batches": self.batches[:keep], "state": state}
+            needed = protected or any(b["hparams"].get("preserve_edits") for b in self.batches[:keep])
+            state = self._write_state(keep, earlier) if needed else None
+            batches = [*self.batches[:keep - 1], {**self.batches[keep - 1], "protected": protected}]
+            manifest = {**self.manifest, "batches": batches, "state": state}
             with atomic_path(self.path / MANIFEST) as tmp:
                 tmp.write_text(json.dumps(manifest, indent=1))
             self.manifest = manifest
         for b in entries:
             for kind in ("tensors", "requests"):
                 (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)
-        if old_state and (state is None or old_state["file"] != state["file"]):
+        if old_state and old_state["file"] != (self.manifest["state"] or {}).get("file"):
             (self.path / old_state["file"]).unlink(missing_ok=True)
         return entries
+
+    def _write_state(self, n: int, earlier: dict[int, torch.Tensor]) -> dict[str, str]:
+        """The sum of earlier keys after batch ``n``, as the file the manifest lists (written atomically)."""
+        state = {"file": f"state-{n:05d}.safetensors"}
+        with atomic_path(self.path / state["file"]) as tmp:
+            save_file({f"earlier.{l}": e.contiguous() for l, e in earlier.items()}, str(tmp))
+        state["sha256"] = sha256_file(self.path / state["file"])
+        return state
 
     def read_batch(self, i: int) -> BatchRecord:
         """Batch ``i`` (0-based), its files checked against the manifest's checksums."""

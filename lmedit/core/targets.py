@@ -87,10 +87,11 @@ class TargetConfig(Config):
 
     def target_settings(self) -> dict:
         """The values target vectors depend on (chunking does not change them). ``mpes_prompts`` is named
-        only when it is not 'all' (which is how every vector was computed before it existed), so
-        vectors saved then still compare equal."""
+        only where it acts: not 'all' (how every vector was computed before it existed, so vectors
+        saved then still compare equal), with the most-probable stop."""
+        quiet = self.mpes_prompts == "all" or self.early_stop != "most_probable"
         return {f: getattr(self, f) for f in TargetConfig.field_names()
-                if f != "chunk_requests" and not (f == "mpes_prompts" and self.mpes_prompts == "all")}
+                if f != "chunk_requests" and not (f == "mpes_prompts" and quiet)}
 
 
 _TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")  # the per-request tensors of a TargetResult
@@ -516,7 +517,8 @@ def _counted(tokenizer, templates: Sequence[str], config: TargetConfig) -> list[
     """Per template, whether the most-probable stop reads its argmax (None: every template)."""
     if config.early_stop != "most_probable" or config.mpes_prompts == "all":
         return None
-    return [not is_chat_form(tokenizer, t) for t in templates]
+    chat = is_chat_form(tokenizer)
+    return [not chat(t) for t in templates]
 
 
 def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],

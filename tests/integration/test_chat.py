@@ -118,12 +118,12 @@ def test_auto_follows_the_tokenizer(fresh, tokenizer):
 def test_is_chat_form_tells_the_wrapped_prompts(tokenizer):
     from lmedit.chat import is_chat_form
 
-    assert is_chat_form(tokenizer, chat_prompt(tokenizer, "{}"))
-    assert is_chat_form(tokenizer, chat_prompt(tokenizer, "A context. {}"))
-    assert not is_chat_form(tokenizer, "{}") and not is_chat_form(tokenizer, "A context. {}")
+    chat = is_chat_form(tokenizer)
+    assert chat(chat_prompt(tokenizer, "{}")) and chat(chat_prompt(tokenizer, "A context. {}"))
+    assert not chat("{}") and not chat("A context. {}")
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = None
-    assert not is_chat_form(tok, chat_prompt(tokenizer, "{}"))  # no template: nothing is in its form
+    assert not is_chat_form(tok)(chat_prompt(tokenizer, "{}"))  # no template: nothing is in its form
 
 
 def test_layout_counts_the_chosen_templates_for_the_stop(tokenizer):
@@ -148,6 +148,7 @@ def test_most_probable_stop_on_plain_prompts_waits_only_for_them(fresh, tokenize
     every = ed.compute_targets(REQUESTS)
     plain = ed.compute_targets(REQUESTS, mpes_prompts="plain")
     assert (plain.steps <= every.steps).all() and (plain.steps < every.steps).any()
+    assert (plain.steps < kw["v_num_grad_steps"]).any()  # stopped by the argmax, not by running out of steps
     assert every.provenance["config"] != plain.provenance["config"]  # reusing one for the other is refused
     assert plain.provenance["templates"] == every.provenance["templates"]  # the chat rows are still optimised
     adapter = lmedit.get_adapter(model)
@@ -172,3 +173,11 @@ def test_most_probable_stop_on_plain_prompts_waits_only_for_them(fresh, tokenize
         finally:
             handle.remove()
         assert int(nxt) == first
+
+
+def test_mpes_prompts_is_a_target_setting_only_where_it_acts():
+    from lmedit.core.targets import TargetConfig
+
+    assert "mpes_prompts" not in TargetConfig().target_settings()  # vectors saved before it existed compare equal
+    assert "mpes_prompts" not in TargetConfig(mpes_prompts="plain").target_settings()  # the loss stop reads no argmax
+    assert TargetConfig(early_stop="most_probable", mpes_prompts="plain").target_settings()["mpes_prompts"] == "plain"

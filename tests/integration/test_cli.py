@@ -150,6 +150,11 @@ def test_edit_save_deltas_and_model_reproduce_the_edit(work, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["deltas"] == str(deltas) and report["model_dir"] == str(saved)
 
+    (saved / "keep.txt").write_text("mine")  # an existing non-empty directory is never replaced
+    assert main(["edit", "--model", str(work / "model"), "--requests", str(work / "requests.json"),
+                 "--method", "memit", "--save-model", str(saved), *SMALL_ARGS]) == 2
+    assert "not an empty directory" in capsys.readouterr().err and (saved / "keep.txt").read_text() == "mine"
+
     base, tok = _fresh(work)
     base_sd = snapshot(base)
     edited, _ = lmedit.load_model(str(saved))  # a loadable model directory

@@ -155,7 +155,7 @@ def test_undo_drops_the_batch_from_the_ledger(uninterrupted, fresh, tokenizer, t
     """Editor.undo with a ledger: the weights go back bit for bit and the ledger loses the batch, so
     the base model plus the ledger is the model before it; editing on gives the uninterrupted run
     (the sum of earlier keys is the same up to float64 rounding of the subtraction)."""
-    path, weights, earlier = uninterrupted
+    weights = uninterrupted[1]
     model = fresh("llama")
     ed = _editor(model, tokenizer, ledger=tmp_path / "l")
     for b in BATCHES[:2]:
@@ -169,8 +169,7 @@ def test_undo_drops_the_batch_from_the_ledger(uninterrupted, fresh, tokenizer, t
     reloaded = fresh("llama")
     again = lmedit.Editor.load(reloaded, tokenizer, tmp_path / "l", covariances=spd_covariances(reloaded, [1, 2]))
     assert_same(reloaded, after_two)
-    assert again.n_earlier == 2 and all(torch.allclose(again.earlier[l], earlier_two[l], rtol=0, atol=1e-9)
-                                         for l in earlier_two)
+    assert again.n_earlier == 2 and all(torch.equal(again.earlier[l], ed.earlier[l]) for l in earlier_two)
     ed.edit(BATCHES[2])
     for name, w in snapshot(model).items():
         assert torch.allclose(w, weights[name], rtol=1e-4, atol=1e-6), name
@@ -179,6 +178,17 @@ def test_undo_drops_the_batch_from_the_ledger(uninterrupted, fresh, tokenizer, t
     assert_same(model, snapshot(fresh("llama")))
     ed.edit(BATCHES[0])  # the same Editor appends to it again
     assert len(Ledger.open(tmp_path / "l").batches) == 1
+    delta_file = tmp_path / "d.safetensors"
+    ed.edit(BATCHES[1]).save_deltas(delta_file)
+    ed.undo()
+    ed.apply_deltas(delta_file)  # on the history, but no batch of the ledger: refused
+    with pytest.raises(LmeditError, match="not in the ledger"):
+        ed.undo()
+    other = _editor(fresh("llama"), tokenizer, ledger=tmp_path / "m")
+    other.edit(BATCHES[0])
+    Ledger.open(tmp_path / "m").truncate(0)  # changed behind the Editor's back: its undo is refused
+    with pytest.raises(LmeditError, match="does not end with this edit's batch"):
+        other.undo()
 
 
 def test_cli_undo_truncates_and_refuses_what_it_cannot_take_out(uninterrupted, fresh, tokenizer, tmp_path, capsys):
@@ -203,15 +213,24 @@ def test_cli_undo_truncates_and_refuses_what_it_cannot_take_out(uninterrupted, f
     assert_same(loaded, snapshot(model))
     assert all(torch.allclose(again.earlier[l], one.earlier[l], rtol=0, atol=1e-9) for l in one.earlier)
 
-    # protected facts added with a batch cannot be taken out of the sum: refused, nothing changes
+    # protected facts stay protected when the batch they came with is dropped (as Editor.undo keeps them)
     model = fresh("llama")
     ed = _editor(model, tokenizer, ledger=tmp_path / "p", keep_history=False)
     ed.edit(BATCHES[0])
     ed.protect(OTHER)
     ed.edit(BATCHES[1])
+    live = _editor(fresh("llama"), tokenizer, keep_history=False)
+    live.edit(BATCHES[0])
+    live.protect(OTHER)
+    Ledger.open(tmp_path / "p").truncate(1)
+    loaded = fresh("llama")
+    again = lmedit.Editor.load(loaded, tokenizer, tmp_path / "p", covariances=spd_covariances(loaded, [1, 2]))
+    assert again.n_protected == 1 and again.n_earlier == 1
+    assert all(torch.allclose(again.earlier[l], live.earlier[l], rtol=0, atol=1e-9) for l in live.earlier)
+    # ... but they need a batch to travel with: dropping every batch is refused, nothing changes
     files = {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()}
-    with pytest.raises(CacheError, match="protected facts"):
-        Ledger.open(tmp_path / "p").truncate(1)
+    with pytest.raises(CacheError, match="protected facts travel with a batch"):
+        Ledger.open(tmp_path / "p").truncate(0)
     assert {f.name: f.read_bytes() for f in (tmp_path / "p").iterdir()} == files
     # a dropped batch that fails its checksum: refused, nothing changes
     with open(path / "batch-00001.safetensors", "r+b") as f:

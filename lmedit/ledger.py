@@ -192,10 +192,12 @@ class Ledger:
             needed = protected or any(b["hparams"].get("preserve_edits") for b in self.batches[:keep])
             state = self._write_state(keep, earlier) if needed else None
             batches = [*self.batches[:keep - 1], {**self.batches[keep - 1], "protected": protected}]
-            manifest = {**self.manifest, "batches": batches, "state": state}
-            with atomic_path(self.path / MANIFEST) as tmp:
-                tmp.write_text(json.dumps(manifest, indent=1))
-            self.manifest = manifest
+            before, self.manifest = self.manifest, {**self.manifest, "batches": batches, "state": state}
+            try:
+                self._write_manifest()
+            except BaseException:
+                self.manifest = before
+                raise
         for b in entries:
             for kind in ("tensors", "requests"):
                 (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)

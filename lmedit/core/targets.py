@@ -89,9 +89,13 @@ class TargetConfig(Config):
         """The values target vectors depend on (chunking does not change them). ``mpes_prompts`` is named
         only where it acts: not 'all' (how every vector was computed before it existed, so vectors
         saved then still compare equal), with the most-probable stop."""
-        quiet = self.mpes_prompts == "all" or self.early_stop != "most_probable"
         return {f: getattr(self, f) for f in TargetConfig.field_names()
-                if f != "chunk_requests" and not (f == "mpes_prompts" and quiet)}
+                if f != "chunk_requests" and not (f == "mpes_prompts" and not self.stop_reads_plain_only)}
+
+    @property
+    def stop_reads_plain_only(self) -> bool:
+        """Whether the stop reads the argmax of the plain prompts alone (``mpes_prompts`` acts)."""
+        return self.early_stop == "most_probable" and self.mpes_prompts == "plain"
 
 
 _TENSORS = ("targets", "init", "delta", "loss", "steps", "target_prob")  # the per-request tensors of a TargetResult
@@ -515,7 +519,7 @@ def _stopped(config: TargetConfig, loss: torch.Tensor, hits: torch.Tensor) -> to
 
 def _counted(tokenizer, templates: Sequence[str], config: TargetConfig) -> list[bool] | None:
     """Per template, whether the most-probable stop reads its argmax (None: every template)."""
-    if config.early_stop != "most_probable" or config.mpes_prompts == "all":
+    if not config.stop_reads_plain_only:
         return None
     chat = is_chat_form(tokenizer)
     return [not chat(t) for t in templates]

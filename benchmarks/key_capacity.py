@@ -32,6 +32,8 @@ def main() -> int:
     args = ap.parse_args()
     ledger = Path(args.ledger)
     manifest = json.loads((ledger / "manifest.json").read_text())
+    if manifest["batches"] and "compacted" in manifest["batches"][0]:
+        ap.error(f"{ledger} is compacted: its first batches' keys, which this reads, are gone")
     earlier: dict[int, torch.Tensor] = {}
     rows = []
     n = 0

@@ -1,4 +1,4 @@
-"""Command line: ``lmedit demo | edit | eval | sweep | trace | list | ledger show|lora|undo|export``; a thin layer over the library.
+"""Command line: ``lmedit demo | edit | eval | sweep | trace | list | ledger show|lora|undo|export|compact``; a thin layer over the library.
 
 Example: ``lmedit edit --requests edits.json --method emmet --layers 4,5,6,7,8 --json``
 (``lmedit edit --list-hparams`` lists every method's hyperparameters with their defaults and help)
@@ -103,7 +103,8 @@ def _lora_args(p: argparse.ArgumentParser, flag: str, help_text: str, required: 
 
 
 def _ledger_parser(sub) -> None:
-    p = sub.add_parser("ledger", help="inspect an edit ledger, drop its last batches, or export it (LoRA, model)")
+    p = sub.add_parser("ledger", help="inspect an edit ledger, drop its last batches, compact it, or export it "
+                       "(LoRA, model)")
     lsub = p.add_subparsers(dest="ledger_command", required=True)
     q = lsub.add_parser("show", help="batches, request count, methods, per-layer norm growth")
     q.add_argument("path")
@@ -124,6 +125,13 @@ def _ledger_parser(sub) -> None:
     q.add_argument("path")
     q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
     q.add_argument("--out", required=True, help="the model directory to write (must not exist, or be empty)")
+    q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("compact", help="fold the batches into one exact total (the same edited model, a constant "
+                        "size, a fast load; folded batches can no longer be dropped)")
+    q.add_argument("path")
+    q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
+    q.add_argument("--keep-last", type=int, default=0, metavar="N",
+                   help="leave the last N batches as they are, so they can still be dropped (default 0)")
     q.add_argument("--json", action="store_true")
 
 
@@ -363,7 +371,7 @@ def cmd_edit(args) -> int:
     result, report = _edit_report(model, tok, requests, args.method, args.preset, overrides, progress=not args.quiet,
                                   ledger=args.ledger, hparams=_hparams(args), stats_dir=args.stats_dir)
     if args.ledger:
-        report["ledger"] = {"path": args.ledger, "batches": len(result.editor.ledger.batches),
+        report["ledger"] = {"path": args.ledger, "batches": result.editor.ledger.n_batches,
                             "requests": result.editor.ledger.n_requests}
     if args.save_deltas:
         result.save_deltas(args.save_deltas)
@@ -562,12 +570,14 @@ def cmd_ledger(args) -> int:
 
     ledger = Ledger.open(args.path)
     if args.ledger_command == "undo":  # files only: no model needed
-        n = len(ledger.batches)
+        n = len(ledger.batches) - bool(ledger.n_compacted)  # a compacted entry cannot be dropped
         if not 1 <= args.batches <= n:
-            raise CacheError(f"ledger {ledger.path} holds {n} batch(es); --batches must be 1..{n}, got {args.batches}")
-        dropped = ledger.truncate(n - args.batches)
+            held = f" after the {ledger.n_compacted} compacted ones" if ledger.n_compacted else ""
+            raise CacheError(f"ledger {ledger.path} holds {n} batch(es){held}; --batches must be 1..{n}, "
+                             f"got {args.batches}")
+        dropped = ledger.truncate(len(ledger.batches) - args.batches)
         report = {"path": str(ledger.path), "dropped": [b["index"] for b in dropped],
-                  "dropped_requests": sum(b["n_requests"] for b in dropped), "batches": len(ledger.batches),
+                  "dropped_requests": sum(b["n_requests"] for b in dropped), "batches": ledger.n_batches,
                   "requests": ledger.n_requests}
         print(json.dumps(report, indent=1) if args.json else
               f"ledger {ledger.path}: dropped batch(es) {report['dropped']} ({report['dropped_requests']} requests); "
@@ -581,10 +591,19 @@ def cmd_ledger(args) -> int:
         editor = lmedit.Editor.load(model, tok, ledger.path)  # checks the base model and every file first
         _save_model(model, tok, args.out)
         report = {"out": str(args.out), "ledger": str(ledger.path), "base_model": editor.base_fingerprint,
-                  "batches": len(ledger.batches), "requests": ledger.n_requests}
+                  "batches": ledger.n_batches, "requests": ledger.n_requests}
         print(json.dumps(report, indent=1) if args.json else
               f"wrote {report['out']}: base model {report['base_model']} with the {report['batches']} batches "
               f"({report['requests']} requests) of {report['ledger']} applied")
+        return 0
+    if args.ledger_command == "compact":
+        from lmedit.models.loading import fingerprint
+
+        report = ledger.compact(model, adapter, fingerprint(model, adapter), keep_last=args.keep_last)
+        print(json.dumps(report, indent=1) if args.json else
+              f"ledger {report['path']}: {report['compacted']} batches ({report['requests']} requests) folded into one "
+              f"exact total, {report['kept']} kept as they were; {report['bytes_before'] / 2**20:.1f} MiB -> "
+              f"{report['bytes_after'] / 2**20:.1f} MiB")
         return 0
     if args.ledger_command == "lora":
         from lmedit.lora import save_lora
@@ -592,7 +611,7 @@ def cmd_ledger(args) -> int:
 
         ledger.check_base(model, adapter, fingerprint(model, adapter))
         report = save_lora(args.lora_dir, ledger.total_deltas(), model, adapter, rank=args.lora_rank,
-                           max_error=args.lora_max_error, meta={"ledger": str(ledger.path), "batches": len(ledger.batches),
+                           max_error=args.lora_max_error, meta={"ledger": str(ledger.path), "batches": ledger.n_batches,
                                                                 "n_requests": ledger.n_requests})
         print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
         return 0
@@ -603,7 +622,8 @@ def cmd_ledger(args) -> int:
         return 0
     print(f"ledger {summary['path']}: {summary['batches']} batches, {summary['requests']} requests, "
           f"methods {', '.join(summary['methods'])}, base model {summary['base_model']}"
-          + (f", {summary['protected']} protected facts" if summary["protected"] else ""))
+          + (f", {summary['protected']} protected facts" if summary["protected"] else "")
+          + (f", the first {summary['compacted']} batches compacted" if summary["compacted"] else ""))
     for l, n in summary["update_norm"].items():
         rel = summary.get("relative_change", {}).get(l)
         print(f"  layer {l}: |sum of deltas| {n:.3f}" + (f" ({100 * rel:.1f}% of |W0|)" if rel is not None else ""))

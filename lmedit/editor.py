@@ -43,7 +43,7 @@ from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, pa
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
-from lmedit.ledger import BatchRecord, Ledger
+from lmedit.ledger import BatchRecord, Ledger, replay
 from lmedit.methods import EditHParams, get_method
 from lmedit.models.adapters import ModelAdapter, get_adapter
 from lmedit.models.loading import fingerprint
@@ -737,31 +737,17 @@ class Editor:
         ledger.check_base(model, editor.adapter, editor.base_fingerprint)
         records = [ledger.read_batch(i) for i in range(len(ledger.batches))]  # all checksums before any write
         earlier = ledger.read_state()
-        editor._replay(records)
+        replay(editor.model, editor.adapter, records)
+        editor._state, editor._seen = next(_STATE_IDS), editor._param_versions()
         editor.ledger, editor._ledger_path = ledger, ledger.path
         editor._context[(editor.hparams.context_templates, editor.hparams.seed)] = ledger.manifest["context"]
         editor.earlier = earlier
-        editor.n_earlier = sum(b["n_requests"] for b in ledger.batches if b["hparams"].get("preserve_edits"))
+        preserved = [reqs for b, reqs in ledger.edited_requests(records) if b["hparams"].get("preserve_edits")]
+        editor.n_earlier = sum(len(reqs) for reqs in preserved)
         editor.n_protected = ledger.manifest.get("protected", 0)
-        editor.earlier_facts = [_Fact(r["prompt"], r["subject"]) for rec, b in zip(records, ledger.batches)
-                                if b["hparams"].get("preserve_edits") for r in rec.requests]
+        editor.earlier_facts = [_Fact(r["prompt"], r["subject"]) for reqs in preserved for r in reqs]
         editor.protected_facts = None if editor.n_protected else []
         return editor
-
-    def _replay(self, records: list[BatchRecord]) -> None:
-        """Apply each batch's deltas in its own transaction, as they were applied (bit for bit); on
-        any failure every weight is restored."""
-        layers = sorted({l for r in records for l in r.deltas})
-        originals = {l: self.adapter.stored(self.model, l).detach().to("cpu", copy=True) for l in layers}
-        try:
-            for record in records:
-                with WeightTransaction(self.model, self.adapter) as tx:
-                    for layer, delta in sorted(record.deltas.items()):
-                        tx.add(layer, delta)
-        except BaseException:
-            restore(self.model, self.adapter, originals)
-            raise
-        self._state, self._seen = next(_STATE_IDS), self._param_versions()
 
     def apply_deltas(self, path: str | Path, *, allow_other_model: bool = False) -> EditResult:
         """Apply a delta file written by :meth:`EditResult.save_deltas` (refuses another base model)."""

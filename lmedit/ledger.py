@@ -18,12 +18,20 @@ Layout of a ledger directory::
     batch-00001.json          the batch's requests
     state-00001.safetensors   earlier.<layer>: the Editor's sum of earlier keys after that batch
                               (edited and protected facts; the manifest says how many are protected)
+    compact-00040.safetensors after ``Ledger.compact`` (``lmedit ledger compact``): delta.<layer> float64,
+    compact-00040.json        the exact total change of batches 1-40, which it replaces (their requests
+                              stay, in one list; the manifest entry lists the batches it holds)
 
 A batch is in the ledger exactly when the manifest lists it: its files are written (atomically)
 first, then the manifest is replaced atomically, so a process killed at any moment leaves the
 previous complete ledger. Reading checks the format version, the base model, and every file's
 checksum before any weight changes. ``Ledger.truncate`` (``Editor.undo``, ``lmedit ledger undo``)
 drops the last batches the same way: the manifest write (or, dropping all, its removal) commits it.
+
+A long-lived ledger grows by a batch's deltas and keys per batch (24 MB for 100 edits on the
+embedded model) and replays every batch when loaded. ``Ledger.compact`` folds the first batches into
+one exact total (measured on the base model, checked to rebuild the edited weights bit for bit): the
+same edited model, a constant size, one replay step; those batches can then no longer be undone.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from torch import nn
 
 from lmedit._fs import atomic_path, read_safetensors, sha256_file
 from lmedit._version import __version__
+from lmedit.core.weights import WeightTransaction, rebuilt, restore
 from lmedit.errors import CacheError
 from lmedit.models.adapters import ModelAdapter
 
@@ -69,6 +78,22 @@ class BatchRecord:
     requests: list[dict[str, Any]]
     deltas: dict[int, torch.Tensor]  # layer -> (d_out, d_in) float32, as applied
     keys: dict[int, torch.Tensor]  # layer -> (B, d_in) float32 keys the solves used
+    compacted: bool = False  # a compacted entry: deltas are the float64 total of the batches it holds, no keys
+
+
+def replay(model: nn.Module, adapter: ModelAdapter, records: list[BatchRecord]) -> None:
+    """Apply each batch's deltas in its own transaction, as they were applied (bit for bit; a compacted
+    entry, always the first, as its exact float64 total); on any failure every weight is restored."""
+    layers = sorted({l for r in records for l in r.deltas})
+    originals = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
+    try:
+        for record in records:
+            with WeightTransaction(model, adapter) as tx:
+                for layer, delta in sorted(record.deltas.items()):
+                    tx.add(layer, delta, exact=record.compacted)
+    except BaseException:
+        restore(model, adapter, originals)
+        raise
 
 
 class Ledger:
@@ -84,6 +109,30 @@ class Ledger:
     @property
     def n_requests(self) -> int:
         return sum(b["n_requests"] for b in self.batches)
+
+    @property
+    def n_batches(self) -> int:
+        """How many batches were edited into the ledger (a compacted entry counts the batches it holds)."""
+        return len(self.edited_batches())
+
+    @property
+    def n_compacted(self) -> int:
+        """How many of them are folded into the compacted first entry (0: none); they cannot be dropped."""
+        return len(self.batches[0].get("compacted", ())) if self.batches else 0
+
+    def edited_batches(self) -> list[dict[str, Any]]:
+        """The manifest entries of the batches as they were edited, a compacted entry unfolded."""
+        return _unfolded(self.batches)
+
+    def edited_requests(self, records: list[BatchRecord]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """(entry, requests) of each batch as edited, from ``records`` (every entry's ``read_batch``)."""
+        out = []
+        for b, record in zip(self.batches, records):
+            start = 0
+            for e in b.get("compacted") or [b]:
+                out.append((e, record.requests[start:start + e["n_requests"]]))
+                start += e["n_requests"]
+        return out
 
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, adapter: ModelAdapter, fingerprint: str,
@@ -125,8 +174,11 @@ class Ledger:
 
     def append(self, record: BatchRecord, earlier: dict[int, torch.Tensor], protected: int = 0) -> None:
         """Write one batch (and the Editor's state after it: the sum of earlier keys, and how many
-        protected facts it holds), then commit it in the manifest."""
-        n = len(self.batches) + 1
+        protected facts it holds), then commit it in the manifest. Refused, with nothing written, when
+        the ledger on disk is no longer the one this object read (another process appended, dropped or
+        compacted batches since)."""
+        self._check_unchanged()
+        n = (self.batches[-1]["index"] if self.batches else 0) + 1
         tensors = {f"delta.{l}": d.contiguous() for l, d in record.deltas.items()}
         tensors.update({f"keys.{l}": k.contiguous() for l, k in record.keys.items()})
         files = {"tensors": f"batch-{n:05d}.safetensors", "requests": f"batch-{n:05d}.json"}
@@ -171,6 +223,9 @@ class Ledger:
         n = len(self.batches)
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < n:
             raise CacheError(f"ledger {self.path} holds {n} batch(es): keep must be 0..{n - 1} to drop any, got {keep!r}")
+        if keep == 0 and self.n_compacted:
+            raise CacheError(f"ledger {self.path}: its first {self.n_compacted} batches are compacted into one total and "
+                             "can no longer be dropped; keep at least that entry")
         protected = self.manifest.get("protected", 0)
         if keep == 0 and protected:
             raise CacheError(f"ledger {self.path}: its {protected} protected facts travel with a batch (a ledger keeps "
@@ -189,7 +244,7 @@ class Ledger:
             (self.path / MANIFEST).unlink()  # commits: no batch is listed any more
             self.manifest = {**self.manifest, "batches": [], "state": None}
         else:
-            needed = protected or any(b["hparams"].get("preserve_edits") for b in self.batches[:keep])
+            needed = protected or any(b["hparams"].get("preserve_edits") for b in _unfolded(self.batches[:keep]))
             state = self._write_state(keep, earlier) if needed else None
             batches = [*self.batches[:keep - 1], {**self.batches[keep - 1], "protected": protected}]
             before, self.manifest = self.manifest, {**self.manifest, "batches": batches, "state": state}
@@ -222,7 +277,92 @@ class Ledger:
         deltas = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("delta.")}
         keys = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("keys.")}
         requests = json.loads((self.path / b["requests_file"]).read_text())
-        return BatchRecord(b["method"], b["hparams"], requests, deltas, keys)
+        return BatchRecord(b["method"], b["hparams"], requests, deltas, keys, compacted="compacted" in b)
+
+    def compact(self, model: nn.Module, adapter: ModelAdapter, fingerprint: str, *, keep_last: int = 0) -> dict[str, Any]:
+        """Fold every batch but the last ``keep_last`` into one entry: the exact float64 total change of
+        each edited layer, measured by replaying them onto ``model`` (the ledger's base model, as for
+        ``Editor.load``; it is left as it was). The edited model the ledger describes is unchanged bit for
+        bit, and so are the lifelong state (the sum of earlier keys) and every request; what goes is
+        the folded batches' own deltas and keys, so they can no longer be dropped (``truncate``).
+
+        Checked before anything is written: the base model, every folded file's checksum, and that
+        base + total rebuilds every edited weight exactly. The manifest write commits the compaction
+        (a kill before it leaves the ledger as it was); the folded batches' files are removed after it.
+        Returns what was done: the batches folded, requests, and the ledger's bytes before and after.
+        """
+        n = len(self.batches)
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise CacheError(f"ledger {self.path}: keep_last must be a count of batches >= 0, got {keep_last!r}")
+        k = n - keep_last
+        if k < 2:
+            raise CacheError(f"ledger {self.path}: nothing to compact (it holds {n} entr{'y' if n == 1 else 'ies'}, "
+                             f"{keep_last} to keep as they are; compacting folds at least two)")
+        self._check_unchanged()
+        self.check_base(model, adapter, fingerprint)
+        records = [self.read_batch(i) for i in range(k)]  # every checksum before anything runs
+        layers = sorted({l for r in records for l in r.deltas})
+        base = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
+        try:
+            replay(model, adapter, records)
+            edited = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
+        finally:
+            restore(model, adapter, base)
+        total = {}
+        for l in layers:
+            total[l] = adapter.as_out_in(edited[l]).double() - adapter.as_out_in(base[l]).double()
+            if not torch.equal(rebuilt(adapter, base[l], total[l], edited[l]), edited[l]):
+                raise CacheError(f"ledger {self.path}: layer {l}'s total change does not rebuild its edited weight "
+                                 "exactly in float64; not compacted")
+        before = self.size_bytes()
+        last, folded = self.batches[k - 1], self.batches[:k]
+        files = {"tensors": f"compact-{last['index']:05d}.safetensors", "requests": f"compact-{last['index']:05d}.json"}
+        with atomic_path(self.path / files["tensors"]) as tmp:
+            save_file({f"delta.{l}": d.contiguous() for l, d in total.items()}, str(tmp),
+                      metadata={"format": FORMAT, "compacted": str(k)})
+        with atomic_path(self.path / files["requests"]) as tmp:
+            tmp.write_text(json.dumps([q for r in records for q in r.requests]))
+        held = [{f: v for f, v in e.items() if not f.endswith(("_file", "_sha256"))} for e in _unfolded(folded)]
+        entry = {"index": last["index"], "method": last["method"], "hparams": last["hparams"],
+                 "n_requests": sum(b["n_requests"] for b in folded), "layers": layers,
+                 "protected": last.get("protected", self.manifest.get("protected", 0)), "compacted": held,
+                 **{f"{kind}_file": v for kind, v in files.items()},
+                 **{f"{kind}_sha256": sha256_file(self.path / v) for kind, v in files.items()}}
+        old = self.manifest
+        self.manifest = {**old, "batches": [entry, *self.batches[k:]], "lmedit_version": __version__}
+        try:
+            self._write_manifest()
+        except BaseException:
+            self.manifest = old
+            for v in files.values():
+                (self.path / v).unlink(missing_ok=True)
+            raise
+        for b in folded:
+            for kind in ("tensors", "requests"):
+                if b[f"{kind}_file"] not in files.values():
+                    (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)
+        return {"path": str(self.path), "compacted": len(held), "requests": entry["n_requests"],
+                "kept": n - k, "bytes_before": before, "bytes_after": self.size_bytes()}
+
+    def size_bytes(self) -> int:
+        """The bytes of every file the manifest lists (and of the manifest)."""
+        names = [MANIFEST, *(b[f"{kind}_file"] for b in self.batches for kind in ("tensors", "requests"))]
+        if self.manifest.get("state"):
+            names.append(self.manifest["state"]["file"])
+        return sum((self.path / f).stat().st_size for f in names if (self.path / f).exists())
+
+    def _check_unchanged(self) -> None:
+        """Refuse to write when the ledger on disk is not the one this object read (another writer)."""
+        try:
+            on_disk = json.loads((self.path / MANIFEST).read_text())["batches"]
+        except FileNotFoundError:
+            on_disk = []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"ledger {self.path}: {MANIFEST} is unreadable or corrupt ({e})") from e
+        if on_disk != self.batches:
+            raise CacheError(f"ledger {self.path} was changed by another writer since it was opened here "
+                             f"({len(on_disk)} entries on disk, {len(self.batches)} here); nothing written: open it "
+                             "again (Editor.load onto a fresh base model)")
 
     def total_deltas(self) -> dict[int, torch.Tensor]:
         """Per layer, the sum (float64) of every batch's delta: the base model plus these is the ledger's model."""
@@ -253,13 +393,19 @@ class Ledger:
     def summary(self, model_norms: dict[int, float] | None = None) -> dict[str, Any]:
         """Batches, request count, methods, and per layer the Frobenius norm of the summed deltas."""
         norms = {l: float(t.norm()) for l, t in sorted(self.total_deltas().items())}
-        out = {"path": str(self.path), "base_model": self.manifest["base_model"], "batches": len(self.batches),
-               "requests": self.n_requests, "methods": sorted({b["method"] for b in self.batches}),
+        out = {"path": str(self.path), "base_model": self.manifest["base_model"], "batches": self.n_batches,
+               "compacted": self.n_compacted, "requests": self.n_requests,
+               "methods": sorted({b["method"] for b in self.edited_batches()}),
                "protected": self.manifest.get("protected", 0), "lmedit_version": self.manifest.get("lmedit_version"),
                "update_norm": norms}
         if model_norms:
             out["relative_change"] = {l: norms[l] / model_norms[l] for l in norms if l in model_norms}
         return out
+
+
+def _unfolded(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Manifest entries with each compacted entry replaced by the entries of the batches it holds."""
+    return [e for b in entries for e in (b.get("compacted") or [b])]
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

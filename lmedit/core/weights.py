@@ -23,7 +23,7 @@ from lmedit.errors import SolveError
 from lmedit.models.adapters import ModelAdapter
 
 
-def _rebuilt(adapter: ModelAdapter, orig: torch.Tensor, total: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def rebuilt(adapter: ModelAdapter, orig: torch.Tensor, total: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """cast(W_orig + total) in the storage layout, dtype and device of ``like`` (the parameter)."""
     W0 = adapter.as_out_in(orig)  # (d_out, d_in)
     new = W0.to(like.device, torch.float64) + total.to(like.device, torch.float64)
@@ -43,7 +43,7 @@ class AppliedEdit:
         with torch.no_grad():
             for layer, orig in self.originals.items():
                 param = adapter.stored(model, layer)
-                if not torch.equal(param, _rebuilt(adapter, orig, self.deltas[layer], param)):
+                if not torch.equal(param, rebuilt(adapter, orig, self.deltas[layer], param)):
                     out.append(layer)
         return out
 
@@ -55,8 +55,9 @@ class WeightTransaction:
         self.model, self.adapter = model, adapter
         self.record = AppliedEdit()
 
-    def add(self, layer: int, delta: torch.Tensor) -> None:
-        """W_layer += delta, with delta in the paper's (d_out, d_in) orientation."""
+    def add(self, layer: int, delta: torch.Tensor, *, exact: bool = False) -> None:
+        """W_layer += delta, with delta in the paper's (d_out, d_in) orientation. ``exact``: keep the
+        total in float64 (a compacted ledger's total, which rebuilds the weights it was measured from)."""
         param = self.adapter.stored(self.model, layer)
         shape = tuple(self.adapter.as_out_in(param).shape)
         if tuple(delta.shape) != shape:
@@ -71,8 +72,9 @@ class WeightTransaction:
             # reproduces the edited weights bit for bit, and repeated updates of a layer round once.
             prev = self.record.deltas.get(layer)
             d64 = delta.detach().to("cpu", torch.float64)
-            total = (d64 if prev is None else prev.to(torch.float64) + d64).to(torch.float32)  # (d_out, d_in)
-            new = _rebuilt(self.adapter, self.record.originals[layer], total, param)
+            total = d64 if prev is None else prev.to(torch.float64) + d64  # (d_out, d_in)
+            total = total if exact else total.to(torch.float32)
+            new = rebuilt(self.adapter, self.record.originals[layer], total, param)
             if not torch.isfinite(new).all():
                 raise SolveError(f"layer {layer}: the updated weight overflows {param.dtype}")
             self.adapter.store(self.model, layer, new)
@@ -93,7 +95,7 @@ class WeightTransaction:
             for layer in [l for l in self.record.deltas if self.record.deltas[l] is not checkpoint.get(l)]:
                 if layer in checkpoint:
                     param = self.adapter.stored(self.model, layer)
-                    self.adapter.store(self.model, layer, _rebuilt(self.adapter, self.record.originals[layer],
+                    self.adapter.store(self.model, layer, rebuilt(self.adapter, self.record.originals[layer],
                                                                    checkpoint[layer], param))
                     self.record.deltas[layer] = checkpoint[layer]
                 else:

@@ -376,3 +376,158 @@ def test_a_ledger_from_before_the_lifelong_options_loads_with_their_defaults(uni
     assert_same(model, weights)
     assert ed.hparams.preserve_weight == 1.0 and not ed.hparams.refresh_earlier_keys
     assert all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)
+
+
+def _compactable(uninterrupted, tmp_path, name="c"):
+    path = tmp_path / name
+    shutil.copytree(uninterrupted[0], path)
+    return path, Ledger.open(path)
+
+
+def _base(fresh, seed=0):
+    model = fresh("llama", seed=seed)
+    adapter = lmedit.get_adapter(model)
+    from lmedit.models.loading import fingerprint
+
+    return model, adapter, fingerprint(model, adapter)
+
+
+def test_compacting_keeps_the_edited_model_and_the_state_bit_for_bit(uninterrupted, fresh, tokenizer, tmp_path):
+    """Every batch folded into one exact total: the base model plus the ledger is the same model bit for
+    bit, with the same sum of earlier keys, and the next edit appends the same batch as it would to the
+    ledger uncompacted; the folded batches' files are gone and the base model used is left as it was."""
+    path, weights, earlier = uninterrupted
+    c, ledger = _compactable(uninterrupted, tmp_path)
+    model, adapter, fp = _base(fresh)
+    before = snapshot(model)
+    report = ledger.compact(model, adapter, fp)
+    assert_same(model, before)
+    assert report["compacted"] == 3 and report["requests"] == 3 and report["kept"] == 0
+    assert report["bytes_after"] < report["bytes_before"]
+    assert sorted(f.name for f in c.iterdir()) == ["compact-00003.json", "compact-00003.safetensors", "manifest.json",
+                                                  "state-00003.safetensors"]
+    s = Ledger.open(c).summary()
+    assert (s["batches"], s["compacted"], s["requests"], s["methods"]) == (3, 3, 3, ["encore"])
+    full = Ledger.open(path).total_deltas()
+    assert all(torch.allclose(Ledger.open(c).total_deltas()[l], full[l], rtol=0, atol=1e-6) for l in full)
+
+    loaded = fresh("llama")
+    ed = lmedit.Editor.load(loaded, tokenizer, c, covariances=spd_covariances(loaded, [1, 2]))
+    assert_same(loaded, weights)
+    assert ed.n_earlier == 3 and len(ed.earlier_facts) == 3
+    assert all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)
+    plain = fresh("llama")
+    ref_path, _ = _compactable(uninterrupted, tmp_path, "ref")  # the same ledger, not compacted
+    ref = lmedit.Editor.load(plain, tokenizer, ref_path, covariances=spd_covariances(plain, [1, 2]))
+    ed.edit(REQUESTS)
+    ref.edit(REQUESTS)
+    assert_same(loaded, snapshot(plain))
+    assert ed.ledger.batches[-1]["index"] == 4 and ed.ledger.n_batches == 4 and ed.ledger.n_compacted == 3
+    again = fresh("llama")
+    lmedit.Editor.load(again, tokenizer, c, covariances=spd_covariances(again, [1, 2]))
+    assert_same(again, snapshot(plain))
+
+
+def test_compacting_all_but_the_last_keeps_them_undoable(uninterrupted, fresh, tokenizer, tmp_path, capsys):
+    from lmedit.cli import main
+
+    path, weights, earlier = uninterrupted
+    c, ledger = _compactable(uninterrupted, tmp_path)
+    model, adapter, fp = _base(fresh)
+    assert ledger.compact(model, adapter, fp, keep_last=1)["compacted"] == 2
+    assert [b["index"] for b in Ledger.open(c).batches] == [2, 3]
+    loaded = fresh("llama")
+    lmedit.Editor.load(loaded, tokenizer, c, covariances=spd_covariances(loaded, [1, 2]))
+    assert_same(loaded, weights)
+    # compacting again folds the compacted entry and the last batch into one
+    assert Ledger.open(c).compact(model, adapter, fp)["compacted"] == 3
+    assert [b["index"] for b in Ledger.open(c).batches] == [3]
+    assert [b["index"] for b in Ledger.open(c).batches[0]["compacted"]] == [1, 2, 3]
+    loaded = fresh("llama")
+    lmedit.Editor.load(loaded, tokenizer, c, covariances=spd_covariances(loaded, [1, 2]))
+    assert_same(loaded, weights)
+    # nothing is left to drop: the CLI and truncate refuse, and the files stay as they were
+    files = {f.name: f.read_bytes() for f in c.iterdir()}
+    assert main(["ledger", "undo", str(c)]) == 2
+    assert "holds 0 batch(es) after the 3 compacted ones" in capsys.readouterr().err
+    with pytest.raises(CacheError, match="compacted into one total and can no longer be dropped"):
+        Ledger.open(c).truncate(0)
+    assert {f.name: f.read_bytes() for f in c.iterdir()} == files
+
+    # with the last batch kept, it can still be dropped, and what is left is the first two batches
+    d, ledger = _compactable(uninterrupted, tmp_path, "d")
+    ledger.compact(model, adapter, fp, keep_last=1)
+    assert main(["ledger", "undo", str(d), "--batches", "2"]) == 2
+    assert "--batches must be 1..1" in capsys.readouterr().err
+    assert main(["ledger", "undo", str(d), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batches"] == 2
+    two = fresh("llama")
+    ed = _editor(two, tokenizer, keep_history=False)
+    for b in BATCHES[:2]:
+        ed.edit(b)
+    loaded = fresh("llama")
+    lmedit.Editor.load(loaded, tokenizer, d, covariances=spd_covariances(loaded, [1, 2]))
+    assert_same(loaded, snapshot(two))
+
+
+def test_compacting_refuses_what_it_cannot_do_exactly_and_changes_nothing(uninterrupted, fresh, tokenizer, tmp_path):
+    c, ledger = _compactable(uninterrupted, tmp_path)
+    files = {f.name: f.read_bytes() for f in c.iterdir()}
+    model, adapter, fp = _base(fresh, seed=1)
+    with pytest.raises(CacheError, match="was written for model|differ from the ledger's base model"):
+        ledger.compact(model, adapter, fp)
+    model, adapter, fp = _base(fresh)
+    before = snapshot(model)
+    for keep in (2, 3, -1, True):
+        with pytest.raises(CacheError, match="nothing to compact|keep_last must be"):
+            Ledger.open(c).compact(model, adapter, fp, keep_last=keep)
+    with open(c / "batch-00002.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"corrupt!")
+    files["batch-00002.safetensors"] = (c / "batch-00002.safetensors").read_bytes()
+    with pytest.raises(CacheError, match="batch-00002.safetensors fails its sha256"):
+        Ledger.open(c).compact(model, adapter, fp)
+    assert {f.name: f.read_bytes() for f in c.iterdir()} == files
+    assert_same(model, before)
+
+
+def test_a_ledger_changed_by_another_writer_is_not_appended_to(uninterrupted, fresh, tokenizer, tmp_path):
+    """An Editor whose ledger another process compacted (or appended to) since it opened it refuses
+    its next edit, with the weights rolled back and the ledger as the other writer left it."""
+    c, _ = _compactable(uninterrupted, tmp_path)
+    model = fresh("llama")
+    ed = lmedit.Editor.load(model, tokenizer, c, covariances=spd_covariances(model, [1, 2]))
+    before = snapshot(model)
+    base, adapter, fp = _base(fresh)
+    Ledger.open(c).compact(base, adapter, fp)
+    files = {f.name: f.read_bytes() for f in c.iterdir()}
+    with pytest.raises(CacheError, match="changed by another writer"):
+        ed.edit(REQUESTS)
+    assert_same(model, before)
+    assert {f.name: f.read_bytes() for f in c.iterdir()} == files
+
+
+def test_cli_compact_and_a_resume_with_refreshed_keys(fresh, tokenizer, tmp_path, monkeypatch, capsys):
+    """`lmedit ledger compact DIR`: refresh_earlier_keys after a reload reads the folded batches'
+    facts again from the compacted requests, so resuming still equals the uninterrupted run."""
+    from lmedit.cli import main
+
+    whole = fresh("llama")
+    ed = _editor(whole, tokenizer, ledger=tmp_path / "whole", keep_history=False, refresh_earlier_keys=True)
+    for b in BATCHES:
+        ed.edit(b)
+    part = _editor(fresh("llama"), tokenizer, ledger=tmp_path / "part", keep_history=False, refresh_earlier_keys=True)
+    for b in BATCHES[:2]:
+        part.edit(b)
+    monkeypatch.setattr(lmedit, "load_model", lambda name=None, **kw: (fresh("llama"), tokenizer))
+    assert main(["ledger", "compact", str(tmp_path / "part"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["compacted"], report["requests"], report["kept"]) == (2, 2, 0)
+    assert main(["ledger", "show", str(tmp_path / "part")]) == 0
+    assert "2 batches, 2 requests" in (out := capsys.readouterr().out) and "first 2 batches compacted" in out
+    model = fresh("llama")
+    again = lmedit.Editor.load(model, tokenizer, tmp_path / "part", covariances=spd_covariances(model, [1, 2]))
+    assert [(f.prompt, f.subject) for f in again.earlier_facts] == [(r.prompt, r.subject) for b in BATCHES[:2] for r in b]
+    again.edit(BATCHES[2])
+    assert_same(model, snapshot(whole))
+    assert all(torch.equal(again.earlier[l], ed.earlier[l]) for l in ed.earlier)

@@ -33,7 +33,7 @@ def main() -> int:
     ledger = Path(args.ledger)
     manifest = json.loads((ledger / "manifest.json").read_text())
     if manifest["batches"] and "compacted" in manifest["batches"][0]:
-        ap.error(f"{ledger} is compacted: its first batches' keys, which this reads, are gone")
+        ap.error(f"{ledger} is compacted: this reads every batch's own file (run it on the ledger before compacting)")
     earlier: dict[int, torch.Tensor] = {}
     rows = []
     n = 0

@@ -88,7 +88,7 @@ def main() -> int:
     adapter = lmedit.get_adapter(model)
     ledger = Ledger.open(args.ledger)
     if ledger.n_compacted:
-        ap.error(f"{args.ledger} is compacted: its first batches' keys, which this reads, are gone")
+        ap.error(f"{args.ledger} is compacted: this reads every batch's own file (run it on the ledger before compacting)")
     ledger.check_base(model, adapter, fingerprint(model, adapter))
     reqs = [EditRequest.from_dict(r) for i in range(len(ledger.batches)) for r in ledger.read_batch(i).requests]
     sample = reqs[::max(1, len(reqs) // args.sample)][:args.sample]

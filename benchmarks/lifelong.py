@@ -31,7 +31,9 @@ with; MPES, a target setting, plays no part. The targets no longer adapt to earl
 protocol measured harsher than the full one (results/README.md): compare its rows with each other,
 not with full runs. A target is an absolute output (the unedited output plus its delta);
 ``--frozen-mode delta`` re-bases it on the model as it is (the subject's output now plus the
-precomputed delta), which measured worse still.
+precomputed delta), which measured worse still. A frozen target knows nothing of an earlier edit of
+the same key, so the protocol keeps earlier keys that a later edit reads again
+(``supersede_edits=False``, as before that option existed).
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ class FrozenTargets:
         if clash:
             raise SystemExit(f"{label}: --set {clash} changes target settings, but --frozen-targets reuses vectors "
                              f"computed with {self.config}")
-        return {**self.config, **own}
+        # targets optimised on the unedited model know nothing of an earlier edit of the same key, so
+        # superseding it would drop that edit: the frozen protocol keeps every earlier key, as before
+        return {"supersede_edits": False, **self.config, **own}
 
     def for_batch(self, editor, batch: list, mode: str = "absolute") -> "lmedit.TargetResult":
         """The batch's precomputed vectors; ``mode="delta"`` re-bases each on the current model (target =

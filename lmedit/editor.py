@@ -43,7 +43,7 @@ from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, pa
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
-from lmedit.ledger import BatchRecord, Ledger, replay
+from lmedit.ledger import BatchRecord, Ledger, replay, weighted_gram
 from lmedit.methods import EditHParams, get_method
 from lmedit.models.adapters import ModelAdapter, get_adapter
 from lmedit.models.loading import fingerprint
@@ -79,6 +79,11 @@ class EditResult:
     why: str = ""  # why a SEALED edit cannot be undone
     state_before: int = field(default=0, repr=False)  # the Editor's weights state before this edit
     ledger_batch: dict | None = field(default=None, repr=False)  # the ledger's entry of this edit's batch, if any
+    # supersede_edits: the earlier facts this edit took out of the preserved set (their places in
+    # Editor.earlier_facts) and, per layer, their stored keys (R, d_in) and weights (R,) it subtracted
+    superseded: list[tuple[int, "_Fact"]] = field(default_factory=list, repr=False)
+    released: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    batch_id: int = field(default=0, repr=False)  # names this edit's keys for later supersede_edits lookups
 
     @property
     def model(self) -> nn.Module:
@@ -167,7 +172,6 @@ class Editor:
         # Lifelong state: per layer, the float64 sum K_p K_p^T of the keys of this Editor's edits made
         # with preserve_edits (what later edits preserve), and how many edits it holds.
         self.earlier: dict[int, torch.Tensor] = {}
-        self.n_earlier = 0
         self.n_protected = 0  # facts whose keys protect() added to that sum
         # the facts behind that sum, for refresh_earlier_keys: (prompt, subject) of each preserved edit, and
         # each protected fact with its weight (None: protected in a ledger, which keeps only their keys' sum)
@@ -184,6 +188,11 @@ class Editor:
         if self._ledger_path is not None and (self._ledger_path / "manifest.json").exists():
             raise CacheError(f"{self._ledger_path} holds a ledger already; open it with Editor.load to append to it")
         self.ledger: Ledger | None = None  # created at the first edit (from the weights as they are then)
+
+    @property
+    def n_earlier(self) -> int:
+        """How many edited facts the preserved sum holds (superseded ones left it)."""
+        return len(self.earlier_facts)
 
     # --- what edits are built from ------------------------------------------------------------
     def covariances(self, hp: EditHParams | None = None) -> dict[int, torch.Tensor]:
@@ -327,6 +336,8 @@ class Editor:
                                       "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
                                       "edit without refresh_earlier_keys, or start from the base model and protect "
                                       "them again")
+        if self.ledger is not None:  # before any work (the append checks again)
+            self.ledger.check_unchanged()
         t0 = time.perf_counter()
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
@@ -334,19 +345,26 @@ class Editor:
         if self._ledger_path is not None and self.ledger is None:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
                                         self.context(hp))
+        superseded, released = self._superseded(reqs, hp)
         with WeightTransaction(self.model, self.adapter) as tx:
-            parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings)
+            parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings,
+                                                          [i for i, _ in superseded], released)
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
                 self.ledger.append(BatchRecord(self.method, {"preset": self.preset, **hp.to_dict()},
-                                               [r.to_dict() for r in reqs], tx.record.deltas, keys),
+                                               [r.to_dict() for r in reqs], tx.record.deltas, keys,
+                                               superseded=[[f.batch, f.row] for _, f in superseded]),
                                    earlier if hp.preserve_edits else self.earlier, self.n_protected)
         timings["total_s"] = time.perf_counter() - t_start
+        batch_id = self.ledger.batches[-1]["index"] if self.ledger is not None else next(_STATE_IDS)
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
                             infos, keys, state_before=state_before,
-                            ledger_batch=dict(self.ledger.batches[-1]) if self.ledger is not None else None)
+                            ledger_batch=dict(self.ledger.batches[-1]) if self.ledger is not None else None,
+                            superseded=superseded, released=released, batch_id=batch_id)
         if hp.preserve_edits:
-            self.earlier, self.n_earlier = earlier, self.n_earlier + len(reqs)
-            self.earlier_facts.extend(_Fact(r.prompt, r.subject) for r in reqs)
+            gone = {i for i, _ in superseded}
+            self.earlier = earlier
+            self.earlier_facts = [f for i, f in enumerate(self.earlier_facts) if i not in gone] + [
+                _Fact(r.prompt, r.subject, hp.preserve_weight, batch_id, row) for row, r in enumerate(reqs)]
         if measured and (hp.layers[-1], hp.site) == (self.hparams.layers[-1], self.hparams.site):
             # a property of the unedited model at this target layer and site: kept for later edits
             self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
@@ -381,13 +399,16 @@ class Editor:
         return out, hp
 
     def _apply(self, tx: WeightTransaction, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
-               C: dict[int, torch.Tensor], given: TargetResult | None,
-               timings: dict[str, float]) -> tuple[list[TargetResult], list[dict], dict, dict, EditHParams]:
+               C: dict[int, torch.Tensor], given: TargetResult | None, timings: dict[str, float],
+               superseded: list[int], released: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               ) -> tuple[list[TargetResult], list[dict], dict, dict, EditHParams]:
         """Targets, then the distribution over layers, per batch (one batch, or one per request for ROME).
 
         Returns the target parts, per-batch diagnostics, the new sum of earlier keys (with
         preserve_edits; committed by the caller only if the whole edit succeeds) and the
-        hyperparameters (with the norm reference, where the first batch measured it)."""
+        hyperparameters (with the norm reference, where the first batch measured it). ``superseded``
+        (places in ``earlier_facts``) and ``released`` (their stored keys and weights) leave the preserved
+        set first, on every layer (with ``refresh_earlier_keys`` the edited layers are then read again)."""
         from tqdm.auto import tqdm
 
         if self.adapter.post_mlp_norm is not None and len(hp.layers) > 1 and hp.distribution != "single":
@@ -398,12 +419,14 @@ class Editor:
         batches = [[r] for r in reqs] if hp.sequential else [reqs]
         flat = [t for g in groups for t in g]
         parts, infos, keys = [], [], {}
-        earlier = dict(self.earlier)
-        if hp.preserve_edits and hp.refresh_earlier_keys and (self.earlier_facts or self.protected_facts):
+        earlier = {l: e - weighted_gram(*released[l]) if l in released else e for l, e in self.earlier.items()}
+        gone = set(superseded)
+        facts = [f for i, f in enumerate(self.earlier_facts) if i not in gone]
+        if hp.preserve_edits and hp.refresh_earlier_keys and (facts or self.protected_facts):
             # once, before this edit's first write (a sequential method's later requests add their keys as
             # read; the layer it edits cannot move them); layers this edit does not touch keep their sums
             t0 = time.perf_counter()
-            earlier.update(self._read_earlier(hp, groups))
+            earlier.update(self._read_earlier(hp, groups, facts))
             timings["refresh_s"] = time.perf_counter() - t0
         edited = [self.adapter.edit_param_name(l) for l in hp.layers]
         with self._work_model(hp, given is None and hp.sequential) as shared, \
@@ -432,12 +455,47 @@ class Editor:
                 infos.append(info)
         return parts, infos, keys, earlier, hp
 
-    def _read_earlier(self, hp: EditHParams, groups: list[list[str]]) -> dict[int, torch.Tensor]:
+    def _superseded(self, reqs: list[EditRequest], hp: EditHParams,
+                    ) -> tuple[list[tuple[int, "_Fact"]], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """``supersede_edits``: the earlier edited facts (place in ``earlier_facts``, fact) whose key a request
+        of this edit reads again, and per layer their stored keys (R, d_in) and weights (R,), whose
+        w k k^T leaves the preserved sum. A fact whose key is not kept stays, with a warning (with
+        ``refresh_earlier_keys`` it leaves the facts read again, and the sums of the layers this edit
+        does not touch keep it)."""
+        if not (hp.preserve_edits and hp.supersede_edits and self.earlier_facts):
+            return [], {}
+        new = {_key_text(r.prompt, r.subject) for r in reqs}
+        hits = [(i, f) for i, f in enumerate(self.earlier_facts) if _key_text(f.prompt, f.subject) in new]
+        stored: dict[int, dict[int, torch.Tensor] | None] = {}
+        rows: dict[int, list[tuple[torch.Tensor, float]]] = {}  # per layer: (stored key, its weight)
+        found = []
+        for i, f in hits:
+            if f.batch not in stored:
+                stored[f.batch] = self._stored_keys(f.batch)
+            if stored[f.batch] is None:
+                if not hp.refresh_earlier_keys:
+                    log.warning("supersede_edits: the key of the earlier edit of %r (%r) is not kept (no ledger, "
+                                "keep_history=False); it stays in the preserved set", f.subject, f.prompt)
+                    continue
+            else:
+                for l, K in stored[f.batch].items():
+                    rows.setdefault(l, []).append((K[f.row], f.weight))
+            found.append((i, f))
+        return found, {l: (torch.stack([k for k, _ in r]), torch.tensor([w for _, w in r], dtype=torch.float64))
+                       for l, r in rows.items()}
+
+    def _stored_keys(self, batch: int) -> dict[int, torch.Tensor] | None:
+        """The keys (layer -> (B, d_in)) an earlier batch of this Editor stored, or None where none are kept."""
+        if self.ledger is not None and batch:
+            return self.ledger.read_keys(batch) or None
+        return next((r.keys for r in self.history if r.batch_id == batch and batch), None)
+
+    def _read_earlier(self, hp: EditHParams, groups: list[list[str]], facts: list["_Fact"]) -> dict[int, torch.Tensor]:
         """The sum of earlier keys (``refresh_earlier_keys``) read again on the weights as they are before
         this edit writes: this edit's ``preserve_weight`` * k k^T of each earlier edited fact plus
         weight * k k^T of each protected fact, per layer of ``hp.layers`` (float64). Read a chunk of
         facts at a time, sized so that their activations fit the memory budget's share for kept states."""
-        weighted = [(f, hp.preserve_weight) for f in self.earlier_facts] + list(self.protected_facts or [])
+        weighted = [(f, hp.preserve_weight) for f in facts] + list(self.protected_facts or [])
         d_in = max(int(self.adapter.weight(self.model, l).shape[1]) for l in hp.layers)
         per_fact = 4 * d_in * len(hp.layers) * sum(len(g) for g in groups)  # float32 activations read per fact
         step = max(1, state_bytes(memory_budget(model_device(self.model), self.memory_budget)) // per_fact)
@@ -667,8 +725,11 @@ class Editor:
             for l, k in result.keys.items():  # take the edit's keys out of the preserved set again
                 k64 = k.to(torch.float64)
                 self.earlier[l] = self.earlier[l] - result.hparams.preserve_weight * (k64.T @ k64)
-            self.n_earlier -= len(result.requests)
+            for l, (K, w) in result.released.items():  # and the facts it superseded back in
+                self.earlier[l] = self.earlier[l] + weighted_gram(K, w)
             del self.earlier_facts[len(self.earlier_facts) - len(result.requests):]
+            for i, f in result.superseded:  # ascending places: each goes back where it was
+                self.earlier_facts.insert(i, f)
         if self.ledger is not None and self.n_protected == self.ledger.manifest.get("protected", 0):
             self.earlier = self.ledger.read_state()  # so that this Editor and a reload agree bit for bit
             # (unless facts were protected since the last batch: the ledger has not recorded them yet)
@@ -742,10 +803,12 @@ class Editor:
         editor.ledger, editor._ledger_path = ledger, ledger.path
         editor._context[(editor.hparams.context_templates, editor.hparams.seed)] = ledger.manifest["context"]
         editor.earlier = earlier
-        preserved = [reqs for b, reqs in ledger.edited_requests(records) if b["hparams"].get("preserve_edits")]
-        editor.n_earlier = sum(len(reqs) for reqs in preserved)
+        gone = {tuple(x) for b in ledger.edited_batches() for x in b.get("superseded", ())}
+        editor.earlier_facts = [_Fact(r["prompt"], r["subject"], float(b["hparams"].get("preserve_weight", 1.0)),
+                                      b["index"], row)
+                                for b, reqs in ledger.edited_requests(records) if b["hparams"].get("preserve_edits")
+                                for row, r in enumerate(reqs) if (b["index"], row) not in gone]
         editor.n_protected = ledger.manifest.get("protected", 0)
-        editor.earlier_facts = [_Fact(r["prompt"], r["subject"]) for reqs in preserved for r in reqs]
         editor.protected_facts = None if editor.n_protected else []
         return editor
 
@@ -770,8 +833,10 @@ class Editor:
 
 def batch_hparams(batch: Mapping[str, Any]) -> EditHParams:
     """The hyperparameters a ledger batch (an entry of ``Ledger.batches``) was edited with; its chunk size
-    is left to this machine (the vectors do not depend on it), keys added since take their defaults."""
+    is left to this machine (the vectors do not depend on it), keys added since take their defaults, except
+    ``supersede_edits``: a batch written before it existed kept every earlier key, so it is False there."""
     values = {k: v for k, v in batch["hparams"].items() if k not in ("preset", "chunk_requests")}
+    values.setdefault("supersede_edits", False)  # a ledger from before it goes on as it was written
     return get_method(batch["method"]).hparams_cls.from_dict(values)
 
 
@@ -805,6 +870,16 @@ def _checked_context(context: Sequence[Sequence[str]]) -> list[list[str]]:
 class _Fact:
     prompt: str
     subject: str
+    weight: float = 1.0  # an edited fact: the preserve_weight its key joined the preserved sum with,
+    batch: int = 0  # the batch that stored its key (ledger index, or EditResult.batch_id; 0: none),
+    row: int = 0  # and its row there
+
+
+def _key_text(prompt: str, subject: str) -> tuple[str, str]:
+    """What a fact's key is read from: the text before the subject, and the subject (causal: what follows
+    the subject does not change it). Facts with the same key text have the same key (unless a token
+    runs past the subject's end into different text; the stored key is what leaves the sum either way)."""
+    return prompt.split("{}")[0], subject
 
 
 def _protected_fact(fact: Any, i: int) -> _Fact:

@@ -12,15 +12,17 @@ Layout of a ledger directory::
 
     manifest.json             format, version, base model fingerprint, a sha256 of the base model's
                               edited weights, the context templates, and per batch: method,
-                              hyperparameters, request count, files and their sha256, and the
-                              count of protected facts in the state after it
+                              hyperparameters, request count, files and their sha256, the
+                              count of protected facts in the state after it, and the earlier
+                              facts it superseded (supersede_edits: [batch, row] pairs)
     batch-00001.safetensors   delta.<layer> (d_out, d_in) float32, keys.<layer> (B, d_in) float32
     batch-00001.json          the batch's requests
     state-00001.safetensors   earlier.<layer>: the Editor's sum of earlier keys after that batch
                               (edited and protected facts; the manifest says how many are protected)
     compact-00040.safetensors after ``Ledger.compact`` (``lmedit ledger compact``): delta.<layer> float64,
-    compact-00040.json        the exact total change of batches 1-40, which it replaces (their requests
-                              stay, in one list; the manifest entry lists the batches it holds)
+    compact-00040.json        the exact total change of batches 1-40, which it replaces, and their keys
+                              (keys.<batch>.<layer>); their requests stay, in one list; the manifest
+                              entry lists the batches it holds
 
 A batch is in the ledger exactly when the manifest lists it: its files are written (atomically)
 first, then the manifest is replaced atomically, so a process killed at any moment leaves the
@@ -31,7 +33,8 @@ drops the last batches the same way: the manifest write (or, dropping all, its r
 A long-lived ledger grows by a batch's deltas and keys per batch (24 MB for 100 edits on the
 embedded model) and replays every batch when loaded. ``Ledger.compact`` folds the first batches into
 one exact total (measured on the base model, checked to rebuild the edited weights bit for bit): the
-same edited model, a constant size, one replay step; those batches can then no longer be undone.
+same edited model, one replay step, and of each folded batch only its keys (for ``supersede_edits``;
+about an eighth of a batch's size); those batches can then no longer be undone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +59,8 @@ from lmedit.models.adapters import ModelAdapter
 
 log = logging.getLogger(__name__)
 FORMAT = "lmedit-ledger"
-VERSION = 1  # bump when the layout changes; a ledger of another version is refused
+VERSION = 2  # bump when the layout changes; a ledger of a version not in READS is refused
+READS = (1, 2)  # 2: compacted entries and superseded facts (a ledger without either is still written as 1)
 MANIFEST = "manifest.json"
 
 
@@ -78,7 +83,15 @@ class BatchRecord:
     requests: list[dict[str, Any]]
     deltas: dict[int, torch.Tensor]  # layer -> (d_out, d_in) float32, as applied
     keys: dict[int, torch.Tensor]  # layer -> (B, d_in) float32 keys the solves used
-    compacted: bool = False  # a compacted entry: deltas are the float64 total of the batches it holds, no keys
+    compacted: bool = False  # a compacted entry: deltas are the float64 total of the batches it holds
+    superseded: list[list[int]] = field(default_factory=list)  # [batch index, row] of earlier facts it superseded
+
+
+def weighted_gram(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i k_i k_i^T in float64, of keys (R, d_in) and weights (R,): superseded facts' share of the
+    preserved sum."""
+    k64 = keys.to(torch.float64)
+    return (weights.to(torch.float64)[:, None] * k64).T @ k64
 
 
 def replay(model: nn.Module, adapter: ModelAdapter, records: list[BatchRecord]) -> None:
@@ -158,9 +171,10 @@ class Ledger:
             raise CacheError(f"ledger {path}: {MANIFEST} is unreadable or corrupt ({e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CacheError(f"{path} is not an lmedit ledger (no 'format: {FORMAT}' in {MANIFEST})")
-        if manifest.get("version") != VERSION:
+        if manifest.get("version") not in READS:
             raise CacheError(f"ledger {path} has layout version {manifest.get('version')!r} (written by lmedit "
-                             f"{manifest.get('lmedit_version')}); this lmedit {__version__} reads version {VERSION}")
+                             f"{manifest.get('lmedit_version')}); this lmedit {__version__} reads versions "
+                             f"{', '.join(map(str, READS))}")
         return cls(path, manifest)
 
     def check_base(self, model: nn.Module, adapter: ModelAdapter, fingerprint: str) -> None:
@@ -177,7 +191,7 @@ class Ledger:
         protected facts it holds), then commit it in the manifest. Refused, with nothing written, when
         the ledger on disk is no longer the one this object read (another process appended, dropped or
         compacted batches since)."""
-        self._check_unchanged()
+        self.check_unchanged()
         n = (self.batches[-1]["index"] if self.batches else 0) + 1
         tensors = {f"delta.{l}": d.contiguous() for l, d in record.deltas.items()}
         tensors.update({f"keys.{l}": k.contiguous() for l, k in record.keys.items()})
@@ -188,11 +202,13 @@ class Ledger:
             tmp.write_text(json.dumps(record.requests))
         state = self._write_state(n, earlier) if earlier else None
         old_state, old_protected = self.manifest.get("state"), self.manifest.get("protected", 0)
+        last_had = bool(self.batches) and "protected" in self.batches[-1]
         if self.batches:  # a ledger written before batches recorded it: the count after its last batch
             self.batches[-1].setdefault("protected", old_protected)
         self.batches.append({"index": n, "method": record.method, "hparams": record.hparams,
                              "n_requests": len(record.requests), "layers": sorted(record.deltas),
                              "protected": protected,  # protected facts in the state after this batch
+                             **({"superseded": record.superseded} if record.superseded else {}),
                              **{f"{k}_file": v for k, v in files.items()},
                              **{f"{k}_sha256": sha256_file(self.path / v) for k, v in files.items()}})
         self.manifest["state"] = state
@@ -202,6 +218,8 @@ class Ledger:
             self._write_manifest()
         except BaseException:
             self.batches.pop()
+            if self.batches and not last_had:
+                del self.batches[-1]["protected"]
             self.manifest["state"], self.manifest["protected"] = old_state, old_protected
             raise
         if old_state and (state is None or old_state["file"] != state["file"]):
@@ -218,8 +236,11 @@ class Ledger:
         with. Refused, with nothing changed, when a dropped batch's files fail their checksums. The
         manifest write commits the truncation; with ``keep=0`` its removal does, and the directory is
         then no ledger until the next edit into it starts one. Files of dropped batches that a kill
-        leaves behind are unlisted, and overwritten as the ledger grows back.
+        leaves behind are unlisted, and removed by the next truncation or compaction. The earlier facts a
+        dropped batch superseded (``supersede_edits``) get their stored keys back in the sum. Compacted
+        batches cannot be dropped; refused, too, when the ledger changed on disk since it was opened here.
         """
+        self.check_unchanged()
         n = len(self.batches)
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < n:
             raise CacheError(f"ledger {self.path} holds {n} batch(es): keep must be 0..{n - 1} to drop any, got {keep!r}")
@@ -239,13 +260,15 @@ class Ledger:
                 for l, k in record.keys.items():
                     k64 = k.to(torch.float64)
                     earlier[l] = earlier[l] - w * (k64.T @ k64)
+                for l, g in self.superseded_gram(record.superseded).items():  # the facts it took out come back
+                    earlier[l] = earlier[l] + g
         old_state, entries = self.manifest.get("state"), self.batches[keep:]
         if keep == 0:
             (self.path / MANIFEST).unlink()  # commits: no batch is listed any more
             self.manifest = {**self.manifest, "batches": [], "state": None}
         else:
             needed = protected or any(b["hparams"].get("preserve_edits") for b in _unfolded(self.batches[:keep]))
-            state = self._write_state(keep, earlier) if needed else None
+            state = self._write_state(self.batches[keep - 1]["index"], earlier) if needed else None
             batches = [*self.batches[:keep - 1], {**self.batches[keep - 1], "protected": protected}]
             before, self.manifest = self.manifest, {**self.manifest, "batches": batches, "state": state}
             try:
@@ -253,12 +276,36 @@ class Ledger:
             except BaseException:
                 self.manifest = before
                 raise
-        for b in entries:
-            for kind in ("tensors", "requests"):
-                (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)
-        if old_state and old_state["file"] != (self.manifest["state"] or {}).get("file"):
-            (self.path / old_state["file"]).unlink(missing_ok=True)
+        self._remove_unlisted()
         return entries
+
+    def superseded_gram(self, pairs: list[list[int]]) -> dict[int, torch.Tensor]:
+        """Per layer, sum w k k^T of the stored keys of the earlier facts ``pairs`` ([batch index, row]),
+        each with its batch's preserve_weight: what superseding them took out of the preserved sum."""
+        weights = {b["index"]: float(b["hparams"].get("preserve_weight", 1.0)) for b in self.edited_batches()}
+        rows: dict[int, list[int]] = {}
+        for batch, row in pairs:
+            rows.setdefault(batch, []).append(row)
+        out: dict[int, torch.Tensor] = {}
+        for batch, rs in rows.items():
+            keys = self.read_keys(batch)
+            if not keys:
+                raise CacheError(f"ledger {self.path}: batch {batch}'s keys are not kept (compacted by an older "
+                                 "lmedit); its superseded facts cannot be put back")
+            w = torch.full((len(rs),), weights[batch], dtype=torch.float64)
+            for l, K in keys.items():
+                g = weighted_gram(K[rs], w)
+                out[l] = out[l] + g if l in out else g
+        return out
+
+    def _remove_unlisted(self) -> None:
+        """Remove the ledger's own files (batch-, compact-, state-NNNNN.*) that the manifest no longer lists:
+        those of dropped or folded batches, and any a killed process left behind."""
+        listed = {b[f"{kind}_file"] for b in self.batches for kind in ("tensors", "requests")}
+        listed |= {self.manifest["state"]["file"]} if self.manifest.get("state") else set()
+        for f in self.path.iterdir():
+            if _OWN_FILE.fullmatch(f.name) and f.name not in listed:
+                f.unlink(missing_ok=True)
 
     def _write_state(self, n: int, earlier: dict[int, torch.Tensor]) -> dict[str, str]:
         """The sum of earlier keys after batch ``n``, as the file the manifest lists (written atomically)."""
@@ -275,16 +322,29 @@ class Ledger:
             self._check_file(b[f"{kind}_file"], b[f"{kind}_sha256"])
         tensors = _read_tensors(self.path / b["tensors_file"])
         deltas = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("delta.")}
-        keys = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("keys.")}
+        keys = {} if "compacted" in b else {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("keys.")}
         requests = json.loads((self.path / b["requests_file"]).read_text())
-        return BatchRecord(b["method"], b["hparams"], requests, deltas, keys, compacted="compacted" in b)
+        return BatchRecord(b["method"], b["hparams"], requests, deltas, keys, compacted="compacted" in b,
+                           superseded=b.get("superseded", []))
+
+    def read_keys(self, batch: int) -> dict[int, torch.Tensor]:
+        """The keys (layer -> (B, d_in) float32) batch number ``batch`` (its ``index``) stored, folded or not."""
+        for b in self.batches:
+            if b["index"] == batch and "compacted" not in b:
+                return self.read_batch(self.batches.index(b)).keys
+            if any(e["index"] == batch for e in b.get("compacted", ())):
+                self._check_file(b["tensors_file"], b["tensors_sha256"])
+                prefix = f"keys.{batch}."
+                return {int(k[len(prefix):]): v for k, v in _read_tensors(self.path / b["tensors_file"]).items()
+                        if k.startswith(prefix)}
+        raise CacheError(f"ledger {self.path} holds no batch {batch}")
 
     def compact(self, model: nn.Module, adapter: ModelAdapter, fingerprint: str, *, keep_last: int = 0) -> dict[str, Any]:
         """Fold every batch but the last ``keep_last`` into one entry: the exact float64 total change of
         each edited layer, measured by replaying them onto ``model`` (the ledger's base model, as for
         ``Editor.load``; it is left as it was). The edited model the ledger describes is unchanged bit for
-        bit, and so are the lifelong state (the sum of earlier keys) and every request; what goes is
-        the folded batches' own deltas and keys, so they can no longer be dropped (``truncate``).
+        bit, and so are the lifelong state (the sum of earlier keys), every request and every key; what
+        goes is the folded batches' own deltas, so they can no longer be dropped (``truncate``).
 
         Checked before anything is written: the base model, every folded file's checksum, and that
         base + total rebuilds every edited weight exactly. The manifest write commits the compaction
@@ -298,7 +358,7 @@ class Ledger:
         if k < 2:
             raise CacheError(f"ledger {self.path}: nothing to compact (it holds {n} entr{'y' if n == 1 else 'ies'}, "
                              f"{keep_last} to keep as they are; compacting folds at least two)")
-        self._check_unchanged()
+        self.check_unchanged()
         self.check_base(model, adapter, fingerprint)
         records = [self.read_batch(i) for i in range(k)]  # every checksum before anything runs
         layers = sorted({l for r in records for l in r.deltas})
@@ -317,9 +377,15 @@ class Ledger:
         before = self.size_bytes()
         last, folded = self.batches[k - 1], self.batches[:k]
         files = {"tensors": f"compact-{last['index']:05d}.safetensors", "requests": f"compact-{last['index']:05d}.json"}
+        tensors = {f"delta.{l}": d.contiguous() for l, d in total.items()}
+        for b, record in zip(folded, records):  # each folded batch's keys stay, for supersede_edits
+            if "compacted" in b:  # (checked by read_batch above)
+                tensors.update({n: K for n, K in _read_tensors(self.path / b["tensors_file"]).items()
+                                if n.startswith("keys.")})
+            else:
+                tensors.update({f"keys.{b['index']}.{l}": K.contiguous() for l, K in record.keys.items()})
         with atomic_path(self.path / files["tensors"]) as tmp:
-            save_file({f"delta.{l}": d.contiguous() for l, d in total.items()}, str(tmp),
-                      metadata={"format": FORMAT, "compacted": str(k)})
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "compacted": str(k)})
         with atomic_path(self.path / files["requests"]) as tmp:
             tmp.write_text(json.dumps([q for r in records for q in r.requests]))
         held = [{f: v for f, v in e.items() if not f.endswith(("_file", "_sha256"))} for e in _unfolded(folded)]
@@ -337,10 +403,7 @@ class Ledger:
             for v in files.values():
                 (self.path / v).unlink(missing_ok=True)
             raise
-        for b in folded:
-            for kind in ("tensors", "requests"):
-                if b[f"{kind}_file"] not in files.values():
-                    (self.path / b[f"{kind}_file"]).unlink(missing_ok=True)
+        self._remove_unlisted()
         return {"path": str(self.path), "compacted": len(held), "requests": entry["n_requests"],
                 "kept": n - k, "bytes_before": before, "bytes_after": self.size_bytes()}
 
@@ -351,7 +414,7 @@ class Ledger:
             names.append(self.manifest["state"]["file"])
         return sum((self.path / f).stat().st_size for f in names if (self.path / f).exists())
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
         """Refuse to write when the ledger on disk is not the one this object read (another writer)."""
         try:
             on_disk = json.loads((self.path / MANIFEST).read_text())["batches"]
@@ -387,6 +450,8 @@ class Ledger:
             raise CacheError(f"ledger {self.path}: {name} fails its sha256 checksum (corrupt or truncated)")
 
     def _write_manifest(self) -> None:
+        # version 2 only where an older lmedit would misread the ledger (it refuses a version it does not know)
+        self.manifest["version"] = VERSION if any({"compacted", "superseded"} & set(b) for b in self.batches) else 1
         with atomic_path(self.path / MANIFEST) as tmp:
             tmp.write_text(json.dumps(self.manifest, indent=1))
 
@@ -401,6 +466,9 @@ class Ledger:
         if model_norms:
             out["relative_change"] = {l: norms[l] / model_norms[l] for l in norms if l in model_norms}
         return out
+
+
+_OWN_FILE = re.compile(r"(batch-\d{5}\.(safetensors|json)|compact-\d{5}\.(safetensors|json)|state-\d{5}\.safetensors)")
 
 
 def _unfolded(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

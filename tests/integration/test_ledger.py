@@ -191,8 +191,9 @@ def test_undo_drops_the_batch_from_the_ledger(uninterrupted, fresh, tokenizer, t
         other.undo()
 
 
-def test_cli_undo_truncates_and_refuses_what_it_cannot_take_out(uninterrupted, fresh, tokenizer, tmp_path, capsys):
+def test_cli_undo_truncates_and_refuses_what_it_cannot_take_out(uninterrupted, fresh, tokenizer, tmp_path, capsys, monkeypatch):
     from lmedit.cli import main
+    monkeypatch.setenv("LMEDIT_NUM_THREADS", str(torch.get_num_threads()))  # main() sets torch's threads
 
     path = tmp_path / "copy"
     shutil.copytree(uninterrupted[0], path)
@@ -370,11 +371,13 @@ def test_a_ledger_from_before_the_lifelong_options_loads_with_their_defaults(uni
     m = json.loads((old / "manifest.json").read_text())
     for b in m["batches"]:
         assert b["hparams"].pop("preserve_weight") == 1.0 and b["hparams"].pop("refresh_earlier_keys") is False
+        assert b["hparams"].pop("supersede_edits") is True
     (old / "manifest.json").write_text(json.dumps(m))
     model = fresh("llama")
     ed = lmedit.Editor.load(model, tokenizer, old, covariances=spd_covariances(model, [1, 2]))
     assert_same(model, weights)
     assert ed.hparams.preserve_weight == 1.0 and not ed.hparams.refresh_earlier_keys
+    assert not ed.hparams.supersede_edits  # older than the option: it goes on keeping earlier keys, as written
     assert all(torch.equal(ed.earlier[l], earlier[l]) for l in earlier)
 
 
@@ -428,8 +431,9 @@ def test_compacting_keeps_the_edited_model_and_the_state_bit_for_bit(uninterrupt
     assert_same(again, snapshot(plain))
 
 
-def test_compacting_all_but_the_last_keeps_them_undoable(uninterrupted, fresh, tokenizer, tmp_path, capsys):
+def test_compacting_all_but_the_last_keeps_them_undoable(uninterrupted, fresh, tokenizer, tmp_path, capsys, monkeypatch):
     from lmedit.cli import main
+    monkeypatch.setenv("LMEDIT_NUM_THREADS", str(torch.get_num_threads()))  # main() sets torch's threads
 
     path, weights, earlier = uninterrupted
     c, ledger = _compactable(uninterrupted, tmp_path)
@@ -439,8 +443,15 @@ def test_compacting_all_but_the_last_keeps_them_undoable(uninterrupted, fresh, t
     loaded = fresh("llama")
     lmedit.Editor.load(loaded, tokenizer, c, covariances=spd_covariances(loaded, [1, 2]))
     assert_same(loaded, weights)
-    # compacting again folds the compacted entry and the last batch into one
+    assert json.loads((c / "manifest.json").read_text())["version"] == 2  # an older lmedit refuses it
+    assert json.loads((path / "manifest.json").read_text())["version"] == 1  # a plain ledger stays readable by it
+    # compacting again folds the compacted entry and the last batch into one; a file a killed process
+    # left behind goes too, anything not the ledger's own stays
+    (c / "batch-00001.json").write_text("[]")
+    (c / "notes.txt").write_text("mine")
     assert Ledger.open(c).compact(model, adapter, fp)["compacted"] == 3
+    assert not (c / "batch-00001.json").exists() and (c / "notes.txt").read_text() == "mine"
+    (c / "notes.txt").unlink()
     assert [b["index"] for b in Ledger.open(c).batches] == [3]
     assert [b["index"] for b in Ledger.open(c).batches[0]["compacted"]] == [1, 2, 3]
     loaded = fresh("llama")
@@ -511,6 +522,7 @@ def test_cli_compact_and_a_resume_with_refreshed_keys(fresh, tokenizer, tmp_path
     """`lmedit ledger compact DIR`: refresh_earlier_keys after a reload reads the folded batches'
     facts again from the compacted requests, so resuming still equals the uninterrupted run."""
     from lmedit.cli import main
+    monkeypatch.setenv("LMEDIT_NUM_THREADS", str(torch.get_num_threads()))  # main() sets torch's threads
 
     whole = fresh("llama")
     ed = _editor(whole, tokenizer, ledger=tmp_path / "whole", keep_history=False, refresh_earlier_keys=True)
@@ -531,3 +543,100 @@ def test_cli_compact_and_a_resume_with_refreshed_keys(fresh, tokenizer, tmp_path
     again.edit(BATCHES[2])
     assert_same(model, snapshot(whole))
     assert all(torch.equal(again.earlier[l], ed.earlier[l]) for l in ed.earlier)
+
+
+AGAIN = [lmedit.EditRequest(REQUESTS[0].prompt, REQUESTS[0].subject, "Lyon", "Paris")]  # the first fact, a new answer
+SAME_KEY = [lmedit.EditRequest(REQUESTS[1].prompt + " and whose hobby is", REQUESTS[1].subject, "chess",
+                               "golf")]  # the same text before the subject: the same key, another fact
+
+
+def test_an_edit_of_the_same_key_supersedes_the_earlier_one(fresh, tokenizer):
+    """supersede_edits: the earlier fact's stored key leaves the preserved set, so the new edit solves
+    as if that fact had never been preserved (the same update as an Editor that never preserved it);
+    with supersede_edits=False the old key pulls the update back; undo puts the old key back."""
+    def run(first_preserved: bool, **kw):
+        ed = _editor(fresh("llama"), tokenizer, **kw)
+        ed.edit(BATCHES[0], preserve_edits=first_preserved)
+        return ed, ed.edit(AGAIN)
+
+    (ed, res), (ref, want), (old, kept) = run(True), run(False), run(True, supersede_edits=False)
+    assert [(i, f.subject) for i, f in res.superseded] == [(0, "Xanadu")] and not kept.superseded
+    assert ed.n_earlier == 1 and old.n_earlier == 2
+    for l in (1, 2):
+        assert torch.allclose(ed.earlier[l], ref.earlier[l], rtol=0, atol=1e-9 * float(ref.earlier[l].abs().max()))
+        assert torch.allclose(res.deltas[l], want.deltas[l], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(kept.deltas[l], want.deltas[l], rtol=1e-3, atol=1e-5)
+
+    # with another fact between: the superseded one leaves its place, and undo puts it back there
+    ed = _editor(fresh("llama"), tokenizer)
+    ed.edit(BATCHES[0])
+    ed.edit(OTHER)
+    before = {l: e.clone() for l, e in ed.earlier.items()}
+    first = ed.history[0].keys
+    res = ed.edit(AGAIN)
+    assert [f.subject for f in ed.earlier_facts] == ["Leonardo", "Xanadu"] and ed.n_earlier == 2
+    assert ed.earlier_facts[-1] == type(ed.earlier_facts[-1])(AGAIN[0].prompt, "Xanadu", 1.0, res.batch_id, 0)
+    for l in (1, 2):
+        k0, k1 = first[l].double(), res.keys[l].double()
+        assert torch.allclose(ed.earlier[l], before[l] - k0.T @ k0 + k1.T @ k1, rtol=0,
+                              atol=1e-9 * float(before[l].abs().max()))
+    ed.undo()
+    assert [f.subject for f in ed.earlier_facts] == ["Xanadu", "Leonardo"] and ed.n_earlier == 2
+    assert all(torch.allclose(ed.earlier[l], before[l], rtol=0, atol=1e-9 * float(before[l].abs().max()))
+               for l in (1, 2))
+    # another fact read from the same key (the same subject after the same text) supersedes too
+    ed = _editor(fresh("llama"), tokenizer)
+    ed.edit(REQUESTS)
+    assert [f.subject for _, f in ed.edit(SAME_KEY).superseded] == ["Lionel Messi"]
+    other_text = [lmedit.EditRequest("The sport played worst by {}", "Lionel Messi", "chess", "golf")]
+    assert not ed.edit(other_text).superseded  # other text before the subject: another key
+
+
+def test_superseding_without_a_kept_key_warns_and_keeps_it(fresh, tokenizer, caplog):
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, keep_history=False)
+    ed.edit(BATCHES[0])
+    with caplog.at_level("WARNING", logger="lmedit.editor"):
+        res = ed.edit(AGAIN)
+    assert "is not kept" in caplog.text and not res.superseded and ed.n_earlier == 2
+    # keys read again (refresh_earlier_keys) need no stored key: the fact leaves the facts read
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, keep_history=False, refresh_earlier_keys=True)
+    ed.edit(BATCHES[0])
+    assert len(ed.edit(AGAIN).superseded) == 1 and [f.prompt for f in ed.earlier_facts] == [AGAIN[0].prompt]
+
+
+def test_superseding_travels_with_the_ledger_through_undo_and_compaction(fresh, tokenizer, tmp_path):
+    """The batch records which earlier facts it superseded: a reload equals the live Editor bit for bit,
+    `ledger undo` puts their keys back, and after compaction their keys are read from the compacted file."""
+    model = fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "l", keep_history=False)
+    for b in (*BATCHES, AGAIN):
+        ed.edit(b)
+    assert Ledger.open(tmp_path / "l").batches[-1]["superseded"] == [[1, 0]]
+    loaded = fresh("llama")
+    again = lmedit.Editor.load(loaded, tokenizer, tmp_path / "l", covariances=spd_covariances(loaded, [1, 2]))
+    assert again.earlier_facts == ed.earlier_facts and again.n_earlier == ed.n_earlier == 3
+    assert all(torch.equal(again.earlier[l], ed.earlier[l]) for l in ed.earlier)
+    # the same three batches, compacted, then the re-edit: the key comes from the compacted file
+    model2 = fresh("llama")
+    three = _editor(model2, tokenizer, ledger=tmp_path / "c", keep_history=False)
+    for b in BATCHES:
+        three.edit(b)
+    shutil.copytree(tmp_path / "c", tmp_path / "u")
+    base, adapter, fp = _base(fresh)
+    Ledger.open(tmp_path / "c").compact(base, adapter, fp)
+    loaded = fresh("llama")
+    c = lmedit.Editor.load(loaded, tokenizer, tmp_path / "c", covariances=spd_covariances(loaded, [1, 2]))
+    assert len(c.edit(AGAIN).superseded) == 1
+    assert_same(loaded, snapshot(model))
+    assert all(torch.equal(c.earlier[l], ed.earlier[l]) for l in ed.earlier)
+    # dropping the re-edit puts the superseded key back: the state of the three batches
+    Ledger.open(tmp_path / "l").truncate(3)
+    state = Ledger.open(tmp_path / "l").read_state()
+    three_state = Ledger.open(tmp_path / "u").read_state()
+    assert all(torch.allclose(state[l], three_state[l], rtol=0, atol=1e-9 * float(three_state[l].abs().max()))
+               for l in three_state)
+    loaded = fresh("llama")
+    back = lmedit.Editor.load(loaded, tokenizer, tmp_path / "l", covariances=spd_covariances(loaded, [1, 2]))
+    assert [f.subject for f in back.earlier_facts] == ["Xanadu", "Lionel Messi", "Leonardo"]

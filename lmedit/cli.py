@@ -328,6 +328,8 @@ def _edit_report(model, tok, requests, method: str, preset: str | None, override
                     for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s", "total_s")},
         "hparams": result.hparams_record(),
     }
+    if result.superseded:  # earlier edits of the same keys, replaced by this one (supersede_edits)
+        report["superseded"] = [{"subject": f.subject, "prompt": f.prompt.format(f.subject)} for _, f in result.superseded]
     return result, report
 
 
@@ -340,6 +342,9 @@ def _print_table(report: dict[str, Any]) -> None:
         print(f"\n{r['prompt']!r}: {r['target_true']!r} -> {r['target_new']!r}")
         print(f"  before  P(new) {pct(r['pre']['p_new'])}  P(true) {pct(r['pre']['p_true'])}   {r['pre']['continuation']!r}")
         print(f"  after   P(new) {pct(r['post']['p_new'])}  P(true) {pct(r['post']['p_true'])}   {r['post']['continuation']!r}")
+    if report.get("superseded"):
+        print(f"\nreplaces the earlier edit(s) of {', '.join(repr(f['prompt']) for f in report['superseded'])} "
+              "(their keys left the preserved set)")
     t = report["timings"]
     print(f"\ntimings: statistics {t['stats_s']:.1f} s, targets {t['targets_s']:.1f} s, keys {t['keys_s']:.1f} s, "
           f"solve {t['solve_s']:.2f} s, total {t['total_s']:.1f} s")
@@ -623,6 +628,8 @@ def cmd_ledger(args) -> int:
     print(f"ledger {summary['path']}: {summary['batches']} batches, {summary['requests']} requests, "
           f"methods {', '.join(summary['methods'])}, base model {summary['base_model']}"
           + (f", {summary['protected']} protected facts" if summary["protected"] else "")
+          + (f", {summary['superseded']} fact{'s' * (summary['superseded'] != 1)} edited again"
+             if summary["superseded"] else "")
           + (f", the first {summary['compacted']} batches compacted" if summary["compacted"] else ""))
     for l, n in summary["update_norm"].items():
         rel = summary.get("relative_change", {}).get(l)

@@ -456,13 +456,15 @@ class Ledger:
             tmp.write_text(json.dumps(self.manifest, indent=1))
 
     def summary(self, model_norms: dict[int, float] | None = None) -> dict[str, Any]:
-        """Batches, request count, methods, and per layer the Frobenius norm of the summed deltas."""
+        """Batches, request count, methods, protected and superseded facts, and per layer the Frobenius
+        norm of the summed deltas."""
         norms = {l: float(t.norm()) for l, t in sorted(self.total_deltas().items())}
         out = {"path": str(self.path), "base_model": self.manifest["base_model"], "batches": self.n_batches,
                "compacted": self.n_compacted, "requests": self.n_requests,
                "methods": sorted({b["method"] for b in self.edited_batches()}),
-               "protected": self.manifest.get("protected", 0), "lmedit_version": self.manifest.get("lmedit_version"),
-               "update_norm": norms}
+               "protected": self.manifest.get("protected", 0),
+               "superseded": sum(len(b.get("superseded", ())) for b in self.edited_batches()),
+               "lmedit_version": self.manifest.get("lmedit_version"), "update_norm": norms}
         if model_norms:
             out["relative_change"] = {l: norms[l] / model_norms[l] for l in norms if l in model_norms}
         return out

@@ -318,6 +318,13 @@ def test_cli_edit_with_a_ledger_creates_appends_and_shows(fresh, tokenizer, tmp_
     lmedit.Editor.load(replayed, tokenizer, tmp_path / "led")
     assert_same(merged_model, snapshot(replayed))
     assert not torch.equal(adapter_weight(merged_model), adapter_weight(lmedit.load_model(str(tmp_path / "llama"))[0]))
+    # the first fact with a new answer: the report names the earlier edit it replaces, `ledger show` counts it
+    (tmp_path / "again.json").write_text(json.dumps([r.to_dict() for r in AGAIN]))
+    assert main(["edit", "--requests", str(tmp_path / "again.json"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["superseded"] == [
+        {"subject": "Xanadu", "prompt": REQUESTS[0].prompt.format("Xanadu")}]
+    assert main(["ledger", "show", str(tmp_path / "led"), "--model", str(tmp_path / "llama")]) == 0
+    assert "3 batches, 3 requests" in (out := capsys.readouterr().out) and "1 fact edited again" in out
     peft = pytest.importorskip("peft")
     adapter = lmedit.get_adapter(model)
     merged = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "lora")).merge_and_unload()

@@ -44,7 +44,8 @@ def main() -> int:
     args = ap.parse_args()
     ledger = Ledger.open(args.ledger)
     if ledger.n_compacted:
-        ap.error(f"{args.ledger} is compacted: its first batches' own deltas and keys, which this reads, are gone")
+        ap.error(f"{args.ledger} is compacted: this replays each batch's own deltas (run it on the ledger before "
+                 "compacting)")
     if not 1 <= args.probe <= args.upto <= len(ledger.batches):
         ap.error(f"need 1 <= --probe <= --upto <= {len(ledger.batches)} (the ledger's batches)")
     model, tok = load_model(args.model)

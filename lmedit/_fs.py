@@ -78,9 +78,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """(metadata, tensors) of a safetensors file; ``CacheError`` naming ``what`` (e.g. "delta file")
-    and the path if it is missing, truncated or corrupt (safetensors raises several types for those)."""
+def read_safetensors(path: str | os.PathLike, what: str, prefix: str = "") -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of a safetensors file (those whose name starts with ``prefix``); ``CacheError``
+    naming ``what`` (e.g. "delta file") and the path if it is missing, truncated or corrupt (safetensors
+    raises several types for those)."""
     from safetensors import safe_open
 
     from lmedit.errors import CacheError
@@ -90,6 +91,6 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
         raise CacheError(f"{what} {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except Exception as e:
         raise CacheError(f"{what} {path} is unreadable or corrupt ({e})") from e

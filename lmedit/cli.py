@@ -126,8 +126,8 @@ def _ledger_parser(sub) -> None:
     q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
     q.add_argument("--out", required=True, help="the model directory to write (must not exist, or be empty)")
     q.add_argument("--json", action="store_true")
-    q = lsub.add_parser("compact", help="fold the batches into one exact total (the same edited model, an eighth of "
-                        "the size, one replay step; folded batches can no longer be dropped)")
+    q = lsub.add_parser("compact", help="fold the batches into one exact total (the same edited model; of each "
+                        "batch only its keys stay; one replay step; folded batches can no longer be dropped)")
     q.add_argument("path")
     q.add_argument("--model", default=None, help="the ledger's base model (default: embedded)")
     q.add_argument("--keep-last", type=int, default=0, metavar="N",

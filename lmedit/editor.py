@@ -346,6 +346,10 @@ class Editor:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
                                         self.context(hp))
         superseded, released = self._superseded(reqs, hp)
+        if superseded and targets is not None and "other_weights" in targets.provenance:
+            log.warning("supersede_edits: these targets were computed on other weights and know nothing of the "
+                        "earlier edit(s) of %d fact(s) they replace; edit with supersede_edits=False to keep those",
+                        len(superseded))
         with WeightTransaction(self.model, self.adapter) as tx:
             parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings,
                                                           [i for i, _ in superseded], released)
@@ -422,11 +426,14 @@ class Editor:
         earlier = {l: e - weighted_gram(*released[l]) if l in released else e for l, e in self.earlier.items()}
         gone = set(superseded)
         facts = [f for i, f in enumerate(self.earlier_facts) if i not in gone]
-        if hp.preserve_edits and hp.refresh_earlier_keys and (facts or self.protected_facts):
+        if hp.preserve_edits and hp.refresh_earlier_keys and (self.earlier_facts or self.protected_facts):
             # once, before this edit's first write (a sequential method's later requests add their keys as
             # read; the layer it edits cannot move them); layers this edit does not touch keep their sums
             t0 = time.perf_counter()
-            earlier.update(self._read_earlier(hp, groups, facts))
+            read = self._read_earlier(hp, groups, facts) if facts or self.protected_facts else {}
+            for l in hp.layers:  # every fact superseded and none protected: nothing is left to preserve there
+                earlier.pop(l, None)
+            earlier.update(read)
             timings["refresh_s"] = time.perf_counter() - t0
         edited = [self.adapter.edit_param_name(l) for l in hp.layers]
         with self._work_model(hp, given is None and hp.sequential) as shared, \

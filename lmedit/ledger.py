@@ -30,11 +30,11 @@ previous complete ledger. Reading checks the format version, the base model, and
 checksum before any weight changes. ``Ledger.truncate`` (``Editor.undo``, ``lmedit ledger undo``)
 drops the last batches the same way: the manifest write (or, dropping all, its removal) commits it.
 
-A long-lived ledger grows by a batch's deltas and keys per batch (24 MB for 100 edits on the
+A long-lived ledger grows by a batch's deltas and keys (20.8 MB for 100 edits on the
 embedded model) and replays every batch when loaded. ``Ledger.compact`` folds the first batches into
 one exact total (measured on the base model, checked to rebuild the edited weights bit for bit): the
 same edited model, one replay step, and of each folded batch only its keys (for ``supersede_edits``;
-about an eighth of a batch's size); those batches can then no longer be undone.
+a seventh of a batch's size); those batches can then no longer be undone.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from lmedit.models.adapters import ModelAdapter
 log = logging.getLogger(__name__)
 FORMAT = "lmedit-ledger"
 VERSION = 2  # bump when the layout changes; a ledger of a version not in READS is refused
-READS = (1, 2)  # 2: compacted entries and superseded facts (a ledger without either is still written as 1)
+READS = (1, 2)  # 2: compacted entries and superseded facts; a version-1 ledger is appended to as version 2
 MANIFEST = "manifest.json"
 
 
@@ -114,6 +114,7 @@ class Ledger:
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path, self.manifest = path, manifest
+        self._checked: set[tuple[str, str]] = set()  # compacted files read_keys has checked (name, sha256)
 
     @property
     def batches(self) -> list[dict[str, Any]]:
@@ -289,9 +290,10 @@ class Ledger:
         out: dict[int, torch.Tensor] = {}
         for batch, rs in rows.items():
             keys = self.read_keys(batch)
-            if not keys:
-                raise CacheError(f"ledger {self.path}: batch {batch}'s keys are not kept (compacted by an older "
-                                 "lmedit); its superseded facts cannot be put back")
+            if not keys:  # a ledger compacted before folded keys were kept
+                log.warning("ledger %s: batch %d's keys are not kept; %d fact(s) it superseded stay out of the "
+                            "preserved sum", self.path, batch, len(rs))
+                continue
             w = torch.full((len(rs),), weights[batch], dtype=torch.float64)
             for l, K in keys.items():
                 g = weighted_gram(K[rs], w)
@@ -332,11 +334,12 @@ class Ledger:
         for b in self.batches:
             if b["index"] == batch and "compacted" not in b:
                 return self.read_batch(self.batches.index(b)).keys
-            if any(e["index"] == batch for e in b.get("compacted", ())):
-                self._check_file(b["tensors_file"], b["tensors_sha256"])
+            if any(e["index"] == batch for e in b.get("compacted", ())):  # checked once, then only its keys read
+                if (b["tensors_file"], b["tensors_sha256"]) not in self._checked:
+                    self._check_file(b["tensors_file"], b["tensors_sha256"])
+                    self._checked.add((b["tensors_file"], b["tensors_sha256"]))
                 prefix = f"keys.{batch}."
-                return {int(k[len(prefix):]): v for k, v in _read_tensors(self.path / b["tensors_file"]).items()
-                        if k.startswith(prefix)}
+                return {int(k[len(prefix):]): v for k, v in _read_tensors(self.path / b["tensors_file"], prefix).items()}
         raise CacheError(f"ledger {self.path} holds no batch {batch}")
 
     def compact(self, model: nn.Module, adapter: ModelAdapter, fingerprint: str, *, keep_last: int = 0) -> dict[str, Any]:
@@ -450,8 +453,7 @@ class Ledger:
             raise CacheError(f"ledger {self.path}: {name} fails its sha256 checksum (corrupt or truncated)")
 
     def _write_manifest(self) -> None:
-        # version 2 only where an older lmedit would misread the ledger (it refuses a version it does not know)
-        self.manifest["version"] = VERSION if any({"compacted", "superseded"} & set(b) for b in self.batches) else 1
+        self.manifest["version"] = VERSION  # an older lmedit refuses it rather than misreading new entries
         with atomic_path(self.path / MANIFEST) as tmp:
             tmp.write_text(json.dumps(self.manifest, indent=1))
 
@@ -478,5 +480,5 @@ def _unfolded(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for b in entries for e in (b.get("compacted") or [b])]
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(path, "ledger file")[1]
+def _read_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    return read_safetensors(path, "ledger file", prefix)[1]

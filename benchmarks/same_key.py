@@ -1,0 +1,70 @@
+"""Two facts read from one key: edited in one batch, or one batch after the other.
+
+Usage::
+
+    python benchmarks/same_key.py [--pairs 16] [--method encore] [--out results/reedit]
+
+A key is the MLP input at the subject's last token, so two CounterFact records with the same subject
+after the same text (e.g. "{} was founded in" and "{}, that originated in") share it, whatever
+follows. On the embedded model, the first ``--pairs`` such pairs of counterfact_train_10000.json
+(conflicts left out, different target_new) are edited with ``--method``'s preset, each arm from the
+unedited model: ``together`` (both facts of every pair in one batch) and ``apart`` (every pair's
+first fact in batch 1, its second in batch 2; supersede_edits on, as by default). Per fact group:
+efficacy (target_new beats target_true, mean log-probability per token) and the argmax rate (every
+token of target_new, teacher forced), in %. Writes OUT/same_key.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lmedit
+from lmedit._runtime import configure_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reedit import DATA, ROOT, scores  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--method", default="encore")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--out", default=str(ROOT / "results" / "reedit"))
+    args = ap.parse_args()
+    threads = configure_threads()
+    groups: dict[tuple[str, str], list] = {}
+    for r in lmedit.load_requests(args.data, drop_conflicts=True):
+        groups.setdefault((r.prompt.split("{}")[0], r.subject), []).append(r)
+    pairs = [g[:2] for g in groups.values() if len(g) >= 2 and g[0].target_new != g[1].target_new][:args.pairs]
+    first, second = [p[0] for p in pairs], [p[1] for p in pairs]
+    rows = []
+    for arm in ("together", "apart"):
+        model, tok = lmedit.load_model()
+        editor = lmedit.Editor(model, tok, args.method)
+        t0 = time.perf_counter()
+        batches = [first + second] if arm == "together" else [first, second]
+        for b in batches:
+            editor.edit(b)
+        rows.append({"arm": arm, "seconds": time.perf_counter() - t0, "first": scores(model, tok, first),
+                     "second": scores(model, tok, second)})
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "same_key.json").write_text(json.dumps({
+        "pairs": [[r.to_dict() for r in p] for p in pairs], "method": args.method, "threads": threads, "rows": rows},
+        indent=1))
+    print(f"\n{args.method}, {len(pairs)} pairs of facts sharing a key (efficacy / argmax, %)")
+    print("| arm | first facts | second facts |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['first']['efficacy']:.1f} / {r['first']['argmax']:.1f} | "
+              f"{r['second']['efficacy']:.1f} / {r['second']['argmax']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -568,27 +568,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _ledger_undo(args, ledger) -> int:
+    """`lmedit ledger undo`: drop the last --batches batches (files only)."""
+    from lmedit.errors import CacheError
+
+    n = len(ledger.batches) - bool(ledger.n_compacted)  # a compacted entry cannot be dropped
+    if not 1 <= args.batches <= n:
+        held = f" after the {ledger.n_compacted} compacted ones" if ledger.n_compacted else ""
+        raise CacheError(f"ledger {ledger.path} holds {n} batch(es){held}; --batches must be 1..{n}, "
+                         f"got {args.batches}")
+    dropped = ledger.truncate(len(ledger.batches) - args.batches)
+    report = {"path": str(ledger.path), "dropped": [b["index"] for b in dropped],
+              "dropped_requests": sum(b["n_requests"] for b in dropped), "batches": ledger.n_batches,
+              "requests": ledger.n_requests}
+    print(json.dumps(report, indent=1) if args.json else
+          f"ledger {ledger.path}: dropped batch(es) {report['dropped']} ({report['dropped_requests']} requests); "
+          + (f"{report['batches']} batches, {report['requests']} requests left" if ledger.batches else
+           "no batch is left: the directory is no ledger until the next `lmedit edit --ledger` into it"))
+    return 0
+
+
 def cmd_ledger(args) -> int:
     import lmedit
-    from lmedit.errors import CacheError
     from lmedit.ledger import Ledger
 
     ledger = Ledger.open(args.path)
     if args.ledger_command == "undo":  # files only: no model needed
-        n = len(ledger.batches) - bool(ledger.n_compacted)  # a compacted entry cannot be dropped
-        if not 1 <= args.batches <= n:
-            held = f" after the {ledger.n_compacted} compacted ones" if ledger.n_compacted else ""
-            raise CacheError(f"ledger {ledger.path} holds {n} batch(es){held}; --batches must be 1..{n}, "
-                             f"got {args.batches}")
-        dropped = ledger.truncate(len(ledger.batches) - args.batches)
-        report = {"path": str(ledger.path), "dropped": [b["index"] for b in dropped],
-                  "dropped_requests": sum(b["n_requests"] for b in dropped), "batches": ledger.n_batches,
-                  "requests": ledger.n_requests}
-        print(json.dumps(report, indent=1) if args.json else
-              f"ledger {ledger.path}: dropped batch(es) {report['dropped']} ({report['dropped_requests']} requests); "
-              + (f"{report['batches']} batches, {report['requests']} requests left" if ledger.batches else
-               "no batch is left: the directory is no ledger until the next `lmedit edit --ledger` into it"))
-        return 0
+        return _ledger_undo(args, ledger)
     model, tok = lmedit.load_model(args.model)
     adapter = lmedit.get_adapter(model)
     if args.ledger_command == "export":

@@ -323,21 +323,8 @@ class Editor:
         hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams
         timings: dict[str, float] = {}
         groups = self.template_groups(hp)
-        self._check_lengths(reqs, groups)
-        if targets is not None:
-            self._check_reusable(targets, reqs, groups, hp)
-        else:  # refuses a request that cannot fit the memory budget, before any work
-            self._target_chunks(reqs, [t for g in groups for t in g], hp)
+        self._check_edit(reqs, hp, groups, targets)
         measured = hp.norm_anchor and not hp.norm_reference  # the first batch measures the reference
-        if hp.norm_anchor:
-            self._check_anchoring(hp, targets)
-        if hp.preserve_edits and hp.refresh_earlier_keys and self.protected_facts is None:
-            raise HyperparameterError(f"refresh_earlier_keys: the {self.n_protected} protected fact(s) of this "
-                                      "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
-                                      "edit without refresh_earlier_keys, or start from the base model and protect "
-                                      "them again")
-        if self.ledger is not None:  # before any work (the append checks again)
-            self.ledger.check_unchanged()
         t0 = time.perf_counter()
         C = self.covariances(hp)
         timings["stats_s"] = time.perf_counter() - t0
@@ -345,11 +332,7 @@ class Editor:
         if self._ledger_path is not None and self.ledger is None:
             self.ledger = Ledger.create(self._ledger_path, self.model, self.adapter, self.base_fingerprint,
                                         self.context(hp))
-        superseded, released = self._superseded(reqs, hp)
-        if superseded and targets is not None and "other_weights" in targets.provenance:
-            log.warning("supersede_edits: these targets were computed on other weights and know nothing of the "
-                        "earlier edit(s) of %d fact(s) they replace; edit with supersede_edits=False to keep those",
-                        len(superseded))
+        superseded, released = self._superseded(reqs, hp, targets)
         with WeightTransaction(self.model, self.adapter) as tx:
             parts, infos, keys, earlier, hp = self._apply(tx, reqs, hp, groups, C, targets, timings,
                                                           [i for i, _ in superseded], released)
@@ -378,6 +361,26 @@ class Editor:
         # slowing down (benchmarks/heap_trim.py, results/README.md): that cause is not found yet.
         release_freed_memory()
         return result
+
+    def _check_edit(self, reqs: list[EditRequest], hp: EditHParams, groups: list[list[str]],
+                    targets: TargetResult | None) -> None:
+        """Everything ``edit`` refuses before any work: prompts too long, targets= that do not fit, a
+        request beyond the memory budget, anchoring and refresh settings it cannot honour, a ledger
+        another writer changed (the append checks that again)."""
+        self._check_lengths(reqs, groups)
+        if targets is not None:
+            self._check_reusable(targets, reqs, groups, hp)
+        else:  # refuses a request that cannot fit the memory budget, before any work
+            self._target_chunks(reqs, [t for g in groups for t in g], hp)
+        if hp.norm_anchor:
+            self._check_anchoring(hp, targets)
+        if hp.preserve_edits and hp.refresh_earlier_keys and self.protected_facts is None:
+            raise HyperparameterError(f"refresh_earlier_keys: the {self.n_protected} protected fact(s) of this "
+                                      "Editor's ledger cannot be read again (a ledger keeps only their keys' sum); "
+                                      "edit without refresh_earlier_keys, or start from the base model and protect "
+                                      "them again")
+        if self.ledger is not None:
+            self.ledger.check_unchanged()
 
     def _check_anchoring(self, hp: EditHParams, targets: TargetResult | None) -> None:
         if self.adapter.post_mlp_norm is not None:
@@ -462,7 +465,7 @@ class Editor:
                 infos.append(info)
         return parts, infos, keys, earlier, hp
 
-    def _superseded(self, reqs: list[EditRequest], hp: EditHParams,
+    def _superseded(self, reqs: list[EditRequest], hp: EditHParams, targets: TargetResult | None = None,
                     ) -> tuple[list[tuple[int, "_Fact"]], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """``supersede_edits``: the earlier edited facts (place in ``earlier_facts``, fact) whose key a request
         of this edit reads again, and per layer their stored keys (R, d_in) and weights (R,), whose
@@ -488,6 +491,10 @@ class Editor:
                 for l, K in stored[f.batch].items():
                     rows.setdefault(l, []).append((K[f.row], f.weight))
             found.append((i, f))
+        if found and targets is not None and "other_weights" in targets.provenance:
+            log.warning("supersede_edits: these targets were computed on other weights and know nothing of the "
+                        "earlier edit(s) of %d fact(s) they replace; edit with supersede_edits=False to keep those",
+                        len(found))
         return found, {l: (torch.stack([k for k, _ in r]), torch.tensor([w for _, w in r], dtype=torch.float64))
                        for l, r in rows.items()}
 

@@ -364,19 +364,8 @@ class Ledger:
         self.check_unchanged()
         self.check_base(model, adapter, fingerprint)
         records = [self.read_batch(i) for i in range(k)]  # every checksum before anything runs
-        layers = sorted({l for r in records for l in r.deltas})
-        base = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
-        try:
-            replay(model, adapter, records)
-            edited = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
-        finally:
-            restore(model, adapter, base)
-        total = {}
-        for l in layers:
-            total[l] = adapter.as_out_in(edited[l]).double() - adapter.as_out_in(base[l]).double()
-            if not torch.equal(rebuilt(adapter, base[l], total[l], edited[l]), edited[l]):
-                raise CacheError(f"ledger {self.path}: layer {l}'s total change does not rebuild its edited weight "
-                                 "exactly in float64; not compacted")
+        total = self._exact_total(model, adapter, records)
+        layers = sorted(total)
         before = self.size_bytes()
         last, folded = self.batches[k - 1], self.batches[:k]
         files = {"tensors": f"compact-{last['index']:05d}.safetensors", "requests": f"compact-{last['index']:05d}.json"}
@@ -409,6 +398,24 @@ class Ledger:
         self._remove_unlisted()
         return {"path": str(self.path), "compacted": len(held), "requests": entry["n_requests"],
                 "kept": n - k, "bytes_before": before, "bytes_after": self.size_bytes()}
+
+    def _exact_total(self, model: nn.Module, adapter: ModelAdapter, records: list[BatchRecord]) -> dict[int, torch.Tensor]:
+        """Per layer, W_after - W_base in float64 for ``records`` replayed onto ``model`` (restored after),
+        checked to rebuild every edited weight exactly."""
+        layers = sorted({l for r in records for l in r.deltas})
+        base = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
+        try:
+            replay(model, adapter, records)
+            edited = {l: adapter.stored(model, l).detach().to("cpu", copy=True) for l in layers}
+        finally:
+            restore(model, adapter, base)
+        total = {}
+        for l in layers:
+            total[l] = adapter.as_out_in(edited[l]).double() - adapter.as_out_in(base[l]).double()
+            if not torch.equal(rebuilt(adapter, base[l], total[l], edited[l]), edited[l]):
+                raise CacheError(f"ledger {self.path}: layer {l}'s total change does not rebuild its edited weight "
+                                 "exactly in float64; not compacted")
+        return total
 
     def size_bytes(self) -> int:
         """The bytes of every file the manifest lists (and of the manifest)."""

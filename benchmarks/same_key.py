@@ -8,8 +8,9 @@ A key is the MLP input at the subject's last token, so two CounterFact records w
 after the same text (e.g. "{} was founded in" and "{}, that originated in") share it, whatever
 follows. On the embedded model, the first ``--pairs`` such pairs of counterfact_train_10000.json
 (conflicts left out, different target_new) are edited with ``--method``'s preset, each arm from the
-unedited model: ``together`` (both facts of every pair in one batch) and ``apart`` (every pair's
-first fact in batch 1, its second in batch 2; supersede_edits on, as by default). Per fact group:
+unedited model: ``together`` (both facts of every pair in one batch), ``apart`` (every pair's
+first fact in batch 1, its second in batch 2; supersede_edits on, as by default) and ``apart, keep``
+(the same with supersede_edits=False: the first facts' keys stay preserved). Per fact group:
 efficacy (target_new beats target_true, mean log-probability per token) and the argmax rate (every
 token of target_new, teacher forced), in %. Writes OUT/same_key.json and prints a table.
 """
@@ -43,9 +44,9 @@ def main() -> int:
     pairs = [g[:2] for g in groups.values() if len(g) >= 2 and g[0].target_new != g[1].target_new][:args.pairs]
     first, second = [p[0] for p in pairs], [p[1] for p in pairs]
     rows = []
-    for arm in ("together", "apart"):
+    for arm in ("together", "apart", "apart, keep"):
         model, tok = lmedit.load_model()
-        editor = lmedit.Editor(model, tok, args.method)
+        editor = lmedit.Editor(model, tok, args.method, **({"supersede_edits": False} if arm == "apart, keep" else {}))
         t0 = time.perf_counter()
         batches = [first + second] if arm == "together" else [first, second]
         for b in batches:

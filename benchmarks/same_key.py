@@ -9,8 +9,10 @@ after the same text (e.g. "{} was founded in" and "{}, that originated in") shar
 follows. On the embedded model, the first ``--pairs`` such pairs of counterfact_train_10000.json
 (conflicts left out, different target_new) are edited with ``--method``'s preset, each arm from the
 unedited model: ``together`` (both facts of every pair in one batch), ``apart`` (every pair's
-first fact in batch 1, its second in batch 2; supersede_edits on, as by default) and ``apart, keep``
-(the same with supersede_edits=False: the first facts' keys stay preserved). Per fact group:
+first fact in batch 1, its second in batch 2, with the defaults) and ``apart, keep`` (the same with
+supersede_edits=False). Since supersede acts only on the same fact asked again (same subject and
+prompt), the two ``apart`` arms are the same; results/reedit/same_key.json was measured before, when
+it matched facts by key (commit 451d7d4), and shows why it no longer does. Per fact group:
 efficacy (target_new beats target_true, mean log-probability per token) and the argmax rate (every
 token of target_new, teacher forced), in %. Writes OUT/same_key.json and prints a table.
 """

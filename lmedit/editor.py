@@ -467,15 +467,17 @@ class Editor:
 
     def _superseded(self, reqs: list[EditRequest], hp: EditHParams, targets: TargetResult | None = None,
                     ) -> tuple[list[tuple[int, "_Fact"]], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """``supersede_edits``: the earlier edited facts (place in ``earlier_facts``, fact) whose key a request
-        of this edit reads again, and per layer their stored keys (R, d_in) and weights (R,), whose
-        w k k^T leaves the preserved sum. A fact whose key is not kept stays, with a warning (with
+        """``supersede_edits``: the earlier edited facts (place in ``earlier_facts``, fact) that a request of
+        this edit asks again (the same subject and prompt), and per layer their stored keys (R, d_in) and
+        weights (R,), whose w k k^T leaves the preserved sum. Other facts that share a key (the same
+        subject after the same text) stay: kept, the earlier one holds better (results/README.md, "Two
+        facts read from one key"). A fact whose key is not kept stays, with a warning (with
         ``refresh_earlier_keys`` it leaves the facts read again, and the sums of the layers this edit
         does not touch keep it)."""
         if not (hp.preserve_edits and hp.supersede_edits and self.earlier_facts):
             return [], {}
-        new = {_key_text(r.prompt, r.subject) for r in reqs}
-        hits = [(i, f) for i, f in enumerate(self.earlier_facts) if _key_text(f.prompt, f.subject) in new]
+        new = {(r.prompt, r.subject) for r in reqs}  # the same fact: its subject and prompt (as a batch's conflicts)
+        hits = [(i, f) for i, f in enumerate(self.earlier_facts) if (f.prompt, f.subject) in new]
         stored: dict[int, dict[int, torch.Tensor] | None] = {}
         rows: dict[int, list[tuple[torch.Tensor, float]]] = {}  # per layer: (stored key, its weight)
         found = []
@@ -887,13 +889,6 @@ class _Fact:
     weight: float = 1.0  # an edited fact: the preserve_weight its key joined the preserved sum with,
     batch: int = 0  # the batch that stored its key (ledger index, or EditResult.batch_id; 0: none),
     row: int = 0  # and its row there
-
-
-def _key_text(prompt: str, subject: str) -> tuple[str, str]:
-    """What a fact's key is read from: the text before the subject, and the subject (causal: what follows
-    the subject does not change it). Facts with the same key text have the same key (unless a token
-    runs past the subject's end into different text; the stored key is what leaves the sum either way)."""
-    return prompt.split("{}")[0], subject
 
 
 def _protected_fact(fact: Any, i: int) -> _Fact:

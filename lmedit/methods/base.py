@@ -71,12 +71,12 @@ class EditHParams(TargetConfig):
                                        "pass over all earlier facts per edit, which take this edit's preserve_weight; "
                                        "undoing an edit leaves the sum as refreshed before it. Refused after loading "
                                        "a ledger with protected facts (it keeps only their keys' sum)")
-    supersede_edits: bool = param(True, "with preserve_edits: a request that reads the same key as an earlier "
-                                  "edited fact (the same subject after the same text, e.g. the same fact with a new "
-                                  "answer) takes that fact's key out of the preserved set, so its new value replaces the "
-                                  "old one instead of being averaged with it (results/README.md, 'Editing a fact "
-                                  "again'). Needs the earlier key: kept by a ledger or this Editor's history, or read "
-                                  "again with refresh_earlier_keys; otherwise the earlier key stays, with a warning")
+    supersede_edits: bool = param(True, "with preserve_edits: a request that asks an earlier edited fact again (the "
+                                  "same subject and prompt, e.g. with a new answer) takes that fact's key out of the "
+                                  "preserved set, so its new value replaces the old one instead of being averaged with "
+                                  "it (results/README.md, 'Editing a fact again'). Needs the earlier key: kept by a "
+                                  "ledger or this Editor's history, or read again with refresh_earlier_keys; "
+                                  "otherwise the earlier key stays, with a warning")
     norm_anchor: bool = param(False, "Norm-Anchor Scaling (Liu et al. 2026; for lifelong editing): rescale each "
                               "request's value vector v* (the MLP output of the last edited layer its target asks "
                               "for) to norm_reference, so that edited weights cannot inflate later targets")

@@ -590,12 +590,10 @@ def test_an_edit_of_the_same_key_supersedes_the_earlier_one(fresh, tokenizer):
     assert [f.subject for f in ed.earlier_facts] == ["Xanadu", "Leonardo"] and ed.n_earlier == 2
     assert all(torch.allclose(ed.earlier[l], before[l], rtol=0, atol=1e-9 * float(before[l].abs().max()))
                for l in (1, 2))
-    # another fact read from the same key (the same subject after the same text) supersedes too
+    # another fact read from the same key (the same subject after the same text) is another fact: it stays
     ed = _editor(fresh("llama"), tokenizer)
     ed.edit(REQUESTS)
-    assert [f.subject for _, f in ed.edit(SAME_KEY).superseded] == ["Lionel Messi"]
-    other_text = [lmedit.EditRequest("The sport played worst by {}", "Lionel Messi", "chess", "golf")]
-    assert not ed.edit(other_text).superseded  # other text before the subject: another key
+    assert not ed.edit(SAME_KEY).superseded and ed.n_earlier == 3
 
 
 def test_superseding_without_a_kept_key_warns_and_keeps_it(fresh, tokenizer, caplog):

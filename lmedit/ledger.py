@@ -372,8 +372,7 @@ class Ledger:
         tensors = {f"delta.{l}": d.contiguous() for l, d in total.items()}
         for b, record in zip(folded, records):  # each folded batch's keys stay, for supersede_edits
             if "compacted" in b:  # (checked by read_batch above)
-                tensors.update({n: K for n, K in _read_tensors(self.path / b["tensors_file"]).items()
-                                if n.startswith("keys.")})
+                tensors.update(_read_tensors(self.path / b["tensors_file"], "keys."))
             else:
                 tensors.update({f"keys.{b['index']}.{l}": K.contiguous() for l, K in record.keys.items()})
         with atomic_path(self.path / files["tensors"]) as tmp:

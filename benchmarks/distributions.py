@@ -55,6 +55,9 @@ from lmedit.evaluate.metrics import harmonic_mean
 from lmedit.evaluate.runner import evaluate_requests
 
 DATA = "../shared/data/counterfact/counterfact_train_10000.json"
+# every cell shares one vector per request, computed in chunks that know nothing of the cells' batches
+# (and reused by benchmarks/lifelong.py --frozen-targets), so requests sharing a key are not joined
+OWN_VECTORS = {"share_key_targets": False}
 
 
 def conditioning(editor, result) -> tuple[dict[int, float], dict[int, int]]:
@@ -238,7 +241,7 @@ def main() -> None:
             raise SystemExit("--targets-only computes the preset's target vectors (what every cell shares); "
                              "drop --set")
         method = args.methods.split(",")[0]
-        editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}))
+        editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}), **OWN_VECTORS)
         shared_targets(editor, everything[:args.records], targets_dir)
         return
     for bs in sizes:
@@ -254,7 +257,7 @@ def main() -> None:
             if overrides and not given:
                 print(f"skip {method}: it has none of {sorted(overrides)}", flush=True)
                 continue
-            editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}), **given)
+            editor = lmedit.Editor(model, tok, method, **({"layers": layers} if layers else {}), **{**OWN_VECTORS, **given})
             where = (f"@{layers[0]}-{layers[-1]}" if layers else "") + "".join(f"+{k}={v}" for k, v in given.items())
             cached = None
             for dist in args.distributions.split(","):

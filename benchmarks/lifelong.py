@@ -185,8 +185,9 @@ class FrozenTargets:
             raise SystemExit(f"{label}: --set {clash} changes target settings, but --frozen-targets reuses vectors "
                              f"computed with {self.config}")
         # targets optimised on the unedited model know nothing of an earlier edit of the same key, so
-        # superseding it would drop that edit: the frozen protocol keeps every earlier key, as before
-        return {"supersede_edits": False, **self.config, **own}
+        # superseding it would drop that edit: the frozen protocol keeps every earlier key, as before;
+        # and each request's vector is its own (computed in chunks that know nothing of the batches)
+        return {"supersede_edits": False, "share_key_targets": False, **self.config, **own}
 
     def for_batch(self, editor, batch: list, mode: str = "absolute") -> "lmedit.TargetResult":
         """The batch's precomputed vectors; ``mode="delta"`` re-bases each on the current model (target =
@@ -251,7 +252,8 @@ def frozen_targets(args) -> FrozenTargets:
     reqs = [r for b in batches_of(edited_records(args), args.batch_size) for r in b]
     if missing := frozen.missing(reqs):
         model, tok = load(args)
-        editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet, **frozen.config)
+        editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet,
+                               share_key_targets=False, **frozen.config)
         t0 = time.perf_counter()
         tr = editor.compute_targets(missing)
         got = [tr.provenance["layer"], tr.provenance["anchor"], tr.provenance["config"], tr.provenance["templates"]]

@@ -2,19 +2,28 @@
 
 Usage::
 
-    python benchmarks/same_key.py [--pairs 16] [--method encore] [--out results/reedit]
+    python benchmarks/same_key.py [--pairs 16] [--method encore] [--out results/reedit] [--name same_key_shared.json]
 
 A key is the MLP input at the subject's last token, so two CounterFact records with the same subject
 after the same text (e.g. "{} was founded in" and "{}, that originated in") share it, whatever
 follows. On the embedded model, the first ``--pairs`` such pairs of counterfact_train_10000.json
 (conflicts left out, different target_new) are edited with ``--method``'s preset, each arm from the
-unedited model: ``together`` (both facts of every pair in one batch), ``apart`` (every pair's
-first fact in batch 1, its second in batch 2, with the defaults) and ``apart, keep`` (the same with
-supersede_edits=False). Since supersede acts only on the same fact asked again (same subject and
-prompt), the two ``apart`` arms are the same; results/reedit/same_key.json was measured before, when
-it matched facts by key (commit 451d7d4), and shows why it no longer does. Per fact group:
-efficacy (target_new beats target_true, mean log-probability per token) and the argmax rate (every
-token of target_new, teacher forced), in %. Writes OUT/same_key.json and prints a table.
+unedited model:
+
+* ``together``: both facts of every pair in one batch, with one target vector per pair optimised for
+  both facts (``share_key_targets``, the default);
+* ``together, own vectors``: the same with ``share_key_targets=False`` (each fact its own vector, and
+  the edit writes a compromise at the shared key);
+* ``apart``: every pair's first fact in batch 1, its second in batch 2, where (``share_key_targets``
+  with ``supersede_edits``, the defaults) batch 2 carries the first facts: they are edited again with
+  the second ones, one target vector per key, their earlier keys superseded;
+* ``apart, keep``: the same with ``share_key_targets=False``: the first facts' keys stay preserved
+  and batch 2 optimises and writes the second facts alone.
+
+results/reedit/same_key.json was measured before ``share_key_targets`` existed, with an ``apart`` arm
+that superseded by key (commit 451d7d4; the reason it no longer does). Per fact group: efficacy
+(target_new beats target_true, mean log-probability per token) and the argmax rate (every token of
+target_new, teacher forced), in %. Writes OUT/NAME and prints a table.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ def main() -> int:
     ap.add_argument("--method", default="encore")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=str(ROOT / "results" / "reedit"))
+    ap.add_argument("--name", default="same_key_shared.json")
     args = ap.parse_args()
     threads = configure_threads()
     groups: dict[tuple[str, str], list] = {}
@@ -46,11 +56,12 @@ def main() -> int:
     pairs = [g[:2] for g in groups.values() if len(g) >= 2 and g[0].target_new != g[1].target_new][:args.pairs]
     first, second = [p[0] for p in pairs], [p[1] for p in pairs]
     rows = []
-    for arm in ("together", "apart", "apart, keep"):
+    for arm in ("together", "together, own vectors", "apart", "apart, keep"):
         model, tok = lmedit.load_model()
-        editor = lmedit.Editor(model, tok, args.method, **({"supersede_edits": False} if arm == "apart, keep" else {}))
+        editor = lmedit.Editor(model, tok, args.method,
+                               **({"share_key_targets": False} if "own" in arm or "keep" in arm else {}))
         t0 = time.perf_counter()
-        batches = [first + second] if arm == "together" else [first, second]
+        batches = [first + second] if arm.startswith("together") else [first, second]
         for b in batches:
             editor.edit(b)
         rows.append({"arm": arm, "seconds": time.perf_counter() - t0, "first": scores(model, tok, first),
@@ -58,7 +69,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "same_key.json").write_text(json.dumps({
+    (out / args.name).write_text(json.dumps({
         "pairs": [[r.to_dict() for r in p] for p in pairs], "method": args.method, "threads": threads, "rows": rows},
         indent=1))
     print(f"\n{args.method}, {len(pairs)} pairs of facts sharing a key (efficacy / argmax, %)")

@@ -328,8 +328,12 @@ def _edit_report(model, tok, requests, method: str, preset: str | None, override
                     for k in ("stats_s", "targets_s", "keys_s", "residual_s", "solve_s", "total_s")},
         "hparams": result.hparams_record(),
     }
-    if result.superseded:  # earlier edits of the same keys, replaced by this one (supersede_edits)
-        report["superseded"] = [{"subject": f.subject, "prompt": f.prompt.format(f.subject)} for _, f in result.superseded]
+    carried = {(r.prompt, r.subject) for r in result.carried}
+    replaced = [f for _, f in result.superseded if (f.prompt, f.subject) not in carried]
+    if replaced:  # earlier edits of the same facts, replaced by this one (supersede_edits)
+        report["superseded"] = [{"subject": f.subject, "prompt": f.prompt.format(f.subject)} for f in replaced]
+    if result.carried:  # earlier facts of the same keys, edited again with this batch (share_key_targets)
+        report["carried"] = [{"subject": r.subject, "prompt": r.text, "target_new": r.target_new} for r in result.carried]
     return result, report
 
 
@@ -345,6 +349,9 @@ def _print_table(report: dict[str, Any]) -> None:
     if report.get("superseded"):
         print(f"\nreplaces the earlier edit(s) of {', '.join(repr(f['prompt']) for f in report['superseded'])} "
               "(their keys left the preserved set)")
+    if report.get("carried"):
+        print(f"\nedits again, sharing a key with these requests: "
+              f"{', '.join(repr(f['prompt'] + ' ' + f['target_new']) for f in report['carried'])} (earlier edits)")
     t = report["timings"]
     print(f"\ntimings: statistics {t['stats_s']:.1f} s, targets {t['targets_s']:.1f} s, keys {t['keys_s']:.1f} s, "
           f"solve {t['solve_s']:.2f} s, total {t['total_s']:.1f} s")
@@ -636,6 +643,7 @@ def cmd_ledger(args) -> int:
           + (f", {summary['protected']} protected facts" if summary["protected"] else "")
           + (f", {summary['superseded']} fact{'s' * (summary['superseded'] != 1)} edited again"
              if summary["superseded"] else "")
+          + (f" ({summary['carried']} of them with a new fact of their key)" if summary.get("carried") else "")
           + (f", the first {summary['compacted']} batches compacted" if summary["compacted"] else ""))
     for l, n in summary["update_norm"].items():
         rel = summary.get("relative_change", {}).get(l)

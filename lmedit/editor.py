@@ -38,8 +38,8 @@ from lmedit.core.distribute import LayerSystem, Pieces, distribute
 from lmedit.core.keys import collect_keys, state_bytes
 from lmedit.core.solvers import null_space_basis
 from lmedit.core.stats import second_moments
-from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, passes_device, plan_chunks,
-                                 read_targets, reference_norm, write_targets)
+from lmedit.core.targets import (TargetResult, anchor_norms, compute_targets, key_order, passes_device, plan_chunks,
+                                 read_targets, reference_norm, shared_key_groups, shared_keys, write_targets)
 from lmedit.core.weights import AppliedEdit, WeightTransaction, restore
 from lmedit.deltas import read_deltas, write_deltas
 from lmedit.errors import CacheError, HyperparameterError, LmeditError, RequestError
@@ -84,6 +84,9 @@ class EditResult:
     superseded: list[tuple[int, "_Fact"]] = field(default_factory=list, repr=False)
     released: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     batch_id: int = field(default=0, repr=False)  # names this edit's keys for later supersede_edits lookups
+    # share_key_targets with supersede_edits: earlier edited facts that share a key with a request of this
+    # edit, edited again with it (the last requests of ``requests``) so that their key's one value serves them too
+    carried: list[EditRequest] = field(default_factory=list, repr=False)
 
     @property
     def model(self) -> nn.Module:
@@ -321,6 +324,8 @@ class Editor:
         t_start = time.perf_counter()
         reqs = as_requests(requests)
         hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams
+        carried = self._carried(reqs, hp, targets)
+        reqs = reqs + carried  # supersede_edits takes their earlier keys out: the new one holds them all
         timings: dict[str, float] = {}
         groups = self.template_groups(hp)
         self._check_edit(reqs, hp, groups, targets)
@@ -339,19 +344,20 @@ class Editor:
             if self.ledger is not None:  # the manifest write commits the batch; a failure rolls the edit back
                 self.ledger.append(BatchRecord(self.method, {"preset": self.preset, **hp.to_dict()},
                                                [r.to_dict() for r in reqs], tx.record.deltas, keys,
-                                               superseded=[[f.batch, f.row] for _, f in superseded]),
+                                               superseded=[[f.batch, f.row] for _, f in superseded],
+                                               carried=len(carried)),
                                    earlier if hp.preserve_edits else self.earlier, self.n_protected)
         timings["total_s"] = time.perf_counter() - t_start
         batch_id = self.ledger.batches[-1]["index"] if self.ledger is not None else next(_STATE_IDS)
         result = EditResult(self, self.method, self.preset, hp, reqs, tx.record, timings, TargetResult.concat(parts),
                             infos, keys, state_before=state_before,
                             ledger_batch=dict(self.ledger.batches[-1]) if self.ledger is not None else None,
-                            superseded=superseded, released=released, batch_id=batch_id)
+                            superseded=superseded, released=released, batch_id=batch_id, carried=carried)
         if hp.preserve_edits:
             gone = {i for i, _ in superseded}
             self.earlier = earlier
             self.earlier_facts = [f for i, f in enumerate(self.earlier_facts) if i not in gone] + [
-                _Fact(r.prompt, r.subject, hp.preserve_weight, batch_id, row) for row, r in enumerate(reqs)]
+                _Fact(r.prompt, r.subject, hp.preserve_weight, batch_id, row, r) for row, r in enumerate(reqs)]
         if measured and (hp.layers[-1], hp.site) == (self.hparams.layers[-1], self.hparams.site):
             # a property of the unedited model at this target layer and site: kept for later edits
             self.hparams = self.hparams.replace(norm_reference=hp.norm_reference)
@@ -464,6 +470,32 @@ class Editor:
                 parts.append(tr)
                 infos.append(info)
         return parts, infos, keys, earlier, hp
+
+    def _carried(self, reqs: list[EditRequest], hp: EditHParams, targets: TargetResult | None) -> list[EditRequest]:
+        """``share_key_targets`` with ``supersede_edits``: the earlier edited facts that share a key with a
+        request of this edit but are not asked again by it (another relation of a subject, read from the
+        same tokens). They are edited again with it: one target vector for the key serves them all, and
+        their earlier keys leave the preserved set (which would hold the key's output where it was).
+        Without them, the new fact and the earlier one pull one key two ways (results/README.md, "Two
+        facts read from one key"). Not with ``targets=`` (computed without them; a warning), nor for a
+        sequential method (one request at a time)."""
+        if not (hp.preserve_edits and hp.supersede_edits and hp.share_key_targets) or hp.sequential:
+            return []
+        asked = {(r.prompt, r.subject) for r in reqs}
+        subjects = {r.subject for r in reqs}
+        earlier = {(f.prompt, f.subject): f.request for f in self.earlier_facts
+                   if f.request is not None and f.subject in subjects and (f.prompt, f.subject) not in asked}
+        if not earlier:
+            return []
+        candidates = list(earlier.values())
+        groups = shared_key_groups(self.tokenizer, list(reqs) + candidates)
+        mine = set(groups[:len(reqs)])
+        found = [r for r, g in zip(candidates, groups[len(reqs):]) if g in mine]
+        if found and targets is not None:
+            log.warning("share_key_targets: %d earlier edited fact(s) share a key with these requests, but the given "
+                        "targets were computed without them; their keys stay preserved", len(found))
+            return []
+        return found
 
     def _superseded(self, reqs: list[EditRequest], hp: EditHParams, targets: TargetResult | None = None,
                     ) -> tuple[list[tuple[int, "_Fact"]], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
@@ -643,8 +675,10 @@ class Editor:
         budget = memory_budget(passes_device(self.model, self.adapter, hp.layers[-1]), self.memory_budget)
         dtype = compute_dtype(hp.compute_dtype, device)
         scale = 1.0 if dtype is None else torch.finfo(dtype).bits / torch.finfo(model_dtype(self.model)).bits
-        return plan_chunks(self.model, self.tokenizer, self.adapter, reqs, templates, hp.layers[-1],
-                           1 if hp.sequential else hp.chunk_requests, None if budget is None else int(budget / scale))
+        order, groups = key_order(self.tokenizer, reqs, hp.share_key_targets and not hp.sequential)
+        return plan_chunks(self.model, self.tokenizer, self.adapter, [reqs[i] for i in order], templates, hp.layers[-1],
+                           1 if hp.sequential else hp.chunk_requests, None if budget is None else int(budget / scale),
+                           groups=groups)
 
     def _check_lengths(self, reqs: list[EditRequest], groups: list[list[str]]) -> None:
         """Refuse, before any work, a request that with its longest context template and its target
@@ -661,10 +695,15 @@ class Editor:
                                    f"context template take {n} tokens, more than the model's context of {n_ctx}")
 
     def _provenance(self, reqs: Sequence[EditRequest], templates: Sequence[str], hp: EditHParams) -> dict:
-        """What target vectors depend on, compared before they are reused."""
-        return {"editor": self._id, "weights_state": self.weights_state(), "layer": hp.layers[-1],
+        """What target vectors depend on, compared before they are reused (``shared_keys`` only where
+        requests of the batch share a target vector)."""
+        prov = {"editor": self._id, "weights_state": self.weights_state(), "layer": hp.layers[-1],
                 "anchor": hp.site, "config": hp.target_settings(), "templates": list(templates),
                 "requests": [(r.prompt, r.subject, r.target_new) for r in reqs]}
+        shared = shared_keys(self.tokenizer, reqs) if hp.share_key_targets and not hp.sequential else []
+        if shared:
+            prov["shared_keys"] = shared
+        return prov
 
     def _check_reusable(self, targets: TargetResult, reqs: list[EditRequest], groups: list[list[str]],
                         hp: EditHParams) -> None:
@@ -679,8 +718,10 @@ class Editor:
                           ("weights_state", "the model's weights as they were then (undo the edit that produced "
                            "them, and nothing else, before reusing them)"), ("requests", "other requests"),
                           ("layer", "another target layer"), ("anchor", "another target site (method or target_site)"),
-                          ("config", "other target-optimisation settings"), ("templates", "other context templates")):
-            if targets.provenance.get(key) != want[key]:
+                          ("config", "other target-optimisation settings"), ("templates", "other context templates"),
+                          ("shared_keys", "other groups of requests sharing a key (share_key_targets, or a selection "
+                           "that splits such a group)")):
+            if targets.provenance.get(key) != want.get(key):
                 raise HyperparameterError(f"targets= were computed for {what}; compute them afresh")
         if targets.provenance.get("norm_reference") and not hp.norm_anchor:
             raise HyperparameterError("targets= were rescaled by norm_anchor; reuse them with norm_anchor=True (any "
@@ -821,7 +862,7 @@ class Editor:
         editor.earlier = earlier
         gone = {tuple(x) for b in ledger.edited_batches() for x in b.get("superseded", ())}
         editor.earlier_facts = [_Fact(r["prompt"], r["subject"], float(b["hparams"].get("preserve_weight", 1.0)),
-                                      b["index"], row)
+                                      b["index"], row, EditRequest.from_dict(r))
                                 for b, reqs in ledger.edited_requests(records) if b["hparams"].get("preserve_edits")
                                 for row, r in enumerate(reqs) if (b["index"], row) not in gone]
         editor.n_protected = ledger.manifest.get("protected", 0)
@@ -850,9 +891,11 @@ class Editor:
 def batch_hparams(batch: Mapping[str, Any]) -> EditHParams:
     """The hyperparameters a ledger batch (an entry of ``Ledger.batches``) was edited with; its chunk size
     is left to this machine (the vectors do not depend on it), keys added since take their defaults, except
-    ``supersede_edits``: a batch written before it existed kept every earlier key, so it is False there."""
+    ``supersede_edits`` and ``share_key_targets``: a batch written before they existed did neither, so they
+    are False there."""
     values = {k: v for k, v in batch["hparams"].items() if k not in ("preset", "chunk_requests")}
     values.setdefault("supersede_edits", False)  # a ledger from before it goes on as it was written
+    values.setdefault("share_key_targets", False)
     return get_method(batch["method"]).hparams_cls.from_dict(values)
 
 
@@ -889,6 +932,7 @@ class _Fact:
     weight: float = 1.0  # an edited fact: the preserve_weight its key joined the preserved sum with,
     batch: int = 0  # the batch that stored its key (ledger index, or EditResult.batch_id; 0: none),
     row: int = 0  # and its row there
+    request: EditRequest | None = field(default=None, compare=False)  # an edited fact's request (for carrying)
 
 
 def _protected_fact(fact: Any, i: int) -> _Fact:

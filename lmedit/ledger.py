@@ -85,6 +85,7 @@ class BatchRecord:
     keys: dict[int, torch.Tensor]  # layer -> (B, d_in) float32 keys the solves used
     compacted: bool = False  # a compacted entry: deltas are the float64 total of the batches it holds
     superseded: list[list[int]] = field(default_factory=list)  # [batch index, row] of earlier facts it superseded
+    carried: int = 0  # its last requests: earlier facts of its keys, edited again with it (share_key_targets)
 
 
 def weighted_gram(keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,7 @@ class Ledger:
                              "n_requests": len(record.requests), "layers": sorted(record.deltas),
                              "protected": protected,  # protected facts in the state after this batch
                              **({"superseded": record.superseded} if record.superseded else {}),
+                             **({"carried": record.carried} if record.carried else {}),
                              **{f"{k}_file": v for k, v in files.items()},
                              **{f"{k}_sha256": sha256_file(self.path / v) for k, v in files.items()}})
         self.manifest["state"] = state
@@ -327,7 +329,7 @@ class Ledger:
         keys = {} if "compacted" in b else {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("keys.")}
         requests = json.loads((self.path / b["requests_file"]).read_text())
         return BatchRecord(b["method"], b["hparams"], requests, deltas, keys, compacted="compacted" in b,
-                           superseded=b.get("superseded", []))
+                           superseded=b.get("superseded", []), carried=b.get("carried", 0))
 
     def read_keys(self, batch: int) -> dict[int, torch.Tensor]:
         """The keys (layer -> (B, d_in) float32) batch number ``batch`` (its ``index``) stored, folded or not."""
@@ -472,6 +474,7 @@ class Ledger:
                "methods": sorted({b["method"] for b in self.edited_batches()}),
                "protected": self.manifest.get("protected", 0),
                "superseded": sum(len(b.get("superseded", ())) for b in self.edited_batches()),
+               "carried": sum(b.get("carried", 0) for b in self.edited_batches()),
                "lmedit_version": self.manifest.get("lmedit_version"), "update_norm": norms}
         if model_norms:
             out["relative_change"] = {l: norms[l] / model_norms[l] for l in norms if l in model_norms}

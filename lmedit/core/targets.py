@@ -39,6 +39,7 @@ Why it is fast (the reference runs the whole model over every position, one requ
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from lmedit.chat import is_chat_form
 from lmedit.config import Config, param
 from lmedit.core.hfcompat import KV, attention_impl, cache_kwarg, cache_to_kv, frozen, make_cache, only_blocks_after
 from lmedit.core.layout import TargetLayout, build_layout, buckets
+from lmedit.core.tokens import encode_subject_prompts
 from lmedit.errors import RequestError, SolveError
 from lmedit.hooks import ReplaceInput, Trace
 from lmedit.models.adapters import ModelAdapter
@@ -80,6 +82,11 @@ class TargetConfig(Config):
     mpes_prompts: str = param("all", "with early_stop='most_probable': the prompts on which target_new must be the "
                               "argmax: 'all', or 'plain' (not those in the chat form, which reach it late; they are "
                               "still optimised)", choices=("all", "plain"))
+    share_key_targets: bool = param(True, "requests of one edit whose keys are the same (the same tokens up to the "
+                                    "subject's last one, e.g. two relations of a subject whose prompts begin with it) "
+                                    "get one target vector, optimised for all of their facts; alone, each gets its own "
+                                    "and the edit writes a compromise at the one key that neither fact's target_new "
+                                    "wins (results/README.md, 'Two facts read from one key')")
     chunk_requests: int = param(0, "requests optimised together; 0: all up to 256 on a CUDA device, else 64 (either "
                                 "split further to fit the memory budget)", min=0)
     compute_dtype: str = param("model", "dtype of the optimisation's forward passes; 'auto': bfloat16 where its "
@@ -88,9 +95,11 @@ class TargetConfig(Config):
     def target_settings(self) -> dict:
         """The values target vectors depend on (chunking does not change them). ``mpes_prompts`` is named
         only where it acts: not 'all' (how every vector was computed before it existed, so vectors
-        saved then still compare equal), with the most-probable stop."""
+        saved then still compare equal), with the most-probable stop. ``share_key_targets`` is not named: it
+        acts only where requests share a key, which the vectors' provenance records (``shared_keys``)."""
         return {f: getattr(self, f) for f in TargetConfig.field_names()
-                if f != "chunk_requests" and not (f == "mpes_prompts" and not self.stop_reads_plain_only)}
+                if f not in ("chunk_requests", "share_key_targets")
+                and not (f == "mpes_prompts" and not self.stop_reads_plain_only)}
 
     @property
     def stop_reads_plain_only(self) -> bool:
@@ -135,6 +144,14 @@ class TargetResult:
         if "requests" in prov:
             reqs = list(prov["requests"])
             prov["requests"] = [reqs[i] for i in idx]
+        if "shared_keys" in prov:  # a group keeps its selected members; one partly left out stays named (its
+            # vector was optimised with facts this selection lacks), so an edit of these requests refuses it
+            new_at: dict[int, list[int]] = {}
+            for new, old in enumerate(idx):
+                new_at.setdefault(old % n, []).append(new)
+            groups = canonical_groups([[p for m in g for p in new_at.get(m, [])] for g in prov.pop("shared_keys")])
+            if groups:
+                prov["shared_keys"] = groups
         at = torch.tensor(idx, dtype=torch.long)
         return TargetResult(**{k: getattr(self, k)[at] for k in _TENSORS}, stats=dict(self.stats),
                             provenance=prov, value=None if self.value is None else self.value[at])
@@ -147,8 +164,13 @@ class TargetResult:
         cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
         cat["value"] = None if any(p.value is None for p in parts) else torch.cat([p.value for p in parts])
         prov = {}
-        if all(p.provenance == {**parts[0].provenance, "requests": p.provenance.get("requests")} for p in parts):
-            prov = {**parts[0].provenance, "requests": [k for p in parts for k in p.provenance.get("requests", [])]}
+        bare = [{k: v for k, v in p.provenance.items() if k != "shared_keys"} for p in parts]
+        if all(b == {**bare[0], "requests": b.get("requests")} for b in bare):
+            prov = {**bare[0], "requests": [k for b in bare for k in b.get("requests", [])]}
+            offsets = [sum(len(q.targets) for q in parts[:i]) for i in range(len(parts))]
+            shared = [[m + off for m in g] for p, off in zip(parts, offsets) for g in p.provenance.get("shared_keys", [])]
+            if shared:
+                prov["shared_keys"] = shared
         return cls(**cat, stats={"forward_tokens": sum(p.stats.get("forward_tokens", 0) for p in parts)},
                    provenance=prov)
 
@@ -196,6 +218,40 @@ def read_targets(path) -> tuple[TargetResult, dict]:
         raise CacheError(f"targets file {path} is corrupt: its vectors and its requests differ in number")
     provenance["requests"] = [tuple(r) for r in provenance["requests"]]
     return TargetResult(**{k: tensors[k] for k in _TENSORS}, stats=stats, value=tensors.get("value")), provenance
+
+
+def canonical_groups(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Groups of request indices, each sorted, ordered by their first member, empty ones dropped."""
+    return sorted((sorted(int(m) for m in g) for g in groups if len(g)), key=lambda g: g[0])
+
+
+def shared_key_groups(tokenizer, requests: Sequence[EditRequest]) -> list[int]:
+    """Per request, the index of its key group (numbered in order of first appearance): requests whose
+    bare prompts read the same tokens up to the subject's last one share a key (the MLP input there, also
+    after any context template), e.g. "{} was born in" and "{} plays", both about one subject."""
+    if not requests:
+        return []
+    seqs = encode_subject_prompts(tokenizer, [r.prompt for r in requests], [r.subject for r in requests])
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(s.ids[:s.subject_last + 1]), len(first)) for s in seqs]
+
+
+def shared_keys(tokenizer, requests: Sequence[EditRequest]) -> list[list[int]]:
+    """The indices of requests that share a key, one list per key shared by two or more (see
+    :func:`shared_key_groups`); empty where every key is a request's own."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(shared_key_groups(tokenizer, requests)):
+        members.setdefault(g, []).append(i)
+    return canonical_groups([m for m in members.values() if len(m) > 1])
+
+
+def key_order(tokenizer, requests: Sequence[EditRequest], share: bool) -> tuple[list[int], list[int]]:
+    """(order, group): an order of ``requests`` in which those sharing a key (``share``) are adjacent, each
+    group at its first member's place, and the key group of each request in that order (``share``
+    False, or no key shared: the identity and one group per request)."""
+    group = shared_key_groups(tokenizer, requests) if share else list(range(len(requests)))
+    order = sorted(range(len(requests)), key=lambda i: group[i])  # stable: members keep their order
+    return order, [group[i] for i in order]
 
 
 def reference_norm(values: torch.Tensor, upper_quantile: float = 0.95) -> float:
@@ -249,13 +305,22 @@ def compute_targets(
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
     parts = []
-    chunks = plan_chunks(model, tokenizer, adapter, requests, templates, layer, config.chunk_requests, budget)
+    order, group = key_order(tokenizer, requests, config.share_key_targets)
+    ordered = [requests[i] for i in order]
+    chunks = plan_chunks(model, tokenizer, adapter, ordered, templates, layer, config.chunk_requests, budget,
+                         groups=group)
     with tqdm(total=len(requests), desc="target vectors", unit="req", disable=not progress) as bar:
         for start, stop in chunks:
-            chunk = requests[start:stop]
-            parts.append(_optimise_chunk(model, tokenizer, adapter, chunk, templates, layer, config, anchor))
-            bar.update(len(chunk))
-    return TargetResult.concat(parts)
+            parts.append(_optimise_chunk(model, tokenizer, adapter, ordered[start:stop], templates, layer, config,
+                                         anchor, group[start:stop]))
+            bar.update(stop - start)
+    result = TargetResult.concat(parts)
+    if order != sorted(order):  # back to the requests' own order
+        back = [0] * len(order)
+        for at, i in enumerate(order):
+            back[i] = at
+        result = result.select(back)
+    return result
 
 
 def estimate_bytes(model: nn.Module, adapter: ModelAdapter, lay: TargetLayout, layer: int) -> int:
@@ -315,30 +380,42 @@ def default_chunk(device: torch.device | str | None, n_requests: int) -> int:
 
 
 def plan_chunks(model: nn.Module, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
-                templates: Sequence[str], layer: int, chunk_requests: int, budget: int | None) -> list[tuple[int, int]]:
+                templates: Sequence[str], layer: int, chunk_requests: int, budget: int | None,
+                groups: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """(start, stop) of the chunks of requests optimised together: ``chunk_requests`` at a time
     (0: :func:`default_chunk` for :func:`passes_device`), halved where a chunk's
-    :func:`estimate_bytes` exceeds ``budget`` (None: no bound). A request that does not fit alone
-    is refused before any work, naming it, its estimate and the budget."""
-    chunk_requests = chunk_requests or default_chunk(passes_device(model, adapter, layer), len(requests))
-    out, todo = [], [(s, min(s + chunk_requests, len(requests))) for s in range(0, len(requests), chunk_requests)]
+    :func:`estimate_bytes` exceeds ``budget`` (None: no bound). ``groups`` (one per request, equal for
+    adjacent requests that share a target vector; see :func:`key_order`): a chunk never splits a
+    group, so it ends at the first group boundary from its size on. A request (or group) that does not
+    fit alone is refused before any work, naming it, its estimate and the budget."""
+    n = len(requests)
+    chunk_requests = chunk_requests or default_chunk(passes_device(model, adapter, layer), n)
+    cuts = list(range(n + 1)) if groups is None else [0] + [i for i in range(1, n) if groups[i] != groups[i - 1]] + [n]
+    out, todo, start = [], [], 0
+    while start < n:  # the first cut at or after start + chunk_requests
+        stop = cuts[bisect.bisect_left(cuts, min(start + chunk_requests, n))]
+        todo.append((start, stop))
+        start = stop
     while todo:
         start, stop = todo.pop(0)
         if budget is None:
             out.append((start, stop))
             continue
         need = estimate_bytes(model, adapter, build_layout(tokenizer, requests[start:stop], templates), layer)
+        inner = cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, stop)]  # cuts strictly inside
         if need <= budget:
             out.append((start, stop))
-        elif stop - start > 1:
-            mid = (start + stop) // 2
+        elif inner:
+            mid = min(inner, key=lambda c: abs(c - (start + stop) // 2))
             todo[:0] = [(start, mid), (mid, stop)]
         else:
             r = requests[start]
-            raise RequestError(f"request {r.case_id if r.case_id is not None else start} ({r.subject!r}): its target "
-                               f"optimisation needs about {need / 2**30:.2f} GiB with {len(templates)} context templates, "
-                               f"more than the memory budget of {budget / 2**30:.2f} GiB (set LMEDIT_MEMORY_BUDGET, "
-                               "--memory-budget or Editor(memory_budget=) higher, or use fewer context templates)")
+            what = (f"request {r.case_id if r.case_id is not None else start} ({r.subject!r})" if stop - start == 1 else
+                    f"the {stop - start} requests sharing the key of {r.subject!r} (one target vector)")
+            raise RequestError(f"{what}: its target optimisation needs about {need / 2**30:.2f} GiB with "
+                               f"{len(templates)} context templates, more than the memory budget of "
+                               f"{budget / 2**30:.2f} GiB (set LMEDIT_MEMORY_BUDGET, --memory-budget or "
+                               "Editor(memory_budget=) higher, or use fewer context templates)")
     if budget is not None and len(out) > -(-len(requests) // chunk_requests):
         log.info("target optimisation in %d chunks (memory budget %.2f GiB)", len(out), budget / 2**30)
     return out
@@ -526,39 +603,54 @@ def _counted(tokenizer, templates: Sequence[str], config: TargetConfig) -> list[
 
 
 def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
-                    templates: Sequence[str], layer: int, config: TargetConfig, anchor: str) -> TargetResult:
+                    templates: Sequence[str], layer: int, config: TargetConfig, anchor: str,
+                    groups: Sequence[int]) -> TargetResult:
+    """One chunk's vectors. ``groups`` (one per request): requests of one group share a key, so one delta
+    (a row of ``delta``) serves them all; its loss is the mean of theirs, and it stops once each of
+    them would stop alone (its members' worst loss, steps at which every member's target is the argmax).
+    With one request per group this is each request's own optimisation, bit for bit."""
     device = model_device(model)
     lay = build_layout(tokenizer, requests, templates, _counted(tokenizer, templates, config)).to(device)
     B = len(requests)
     with frozen(model):
         pre = _prefix_pass(model, adapter, lay, layer, anchor)
     run = _Resumed(model, adapter, lay, pre, layer)
-    delta = torch.zeros_like(pre.init)  # (B, d) float32, on the device of block ``layer`` (where it is added)
+    at = pre.init.device  # the per-request bookkeeping lives with delta
+    gid = torch.unique(torch.as_tensor(list(groups)), return_inverse=True)[1].to(at)  # (B,) request -> row of delta
+    G = int(gid.max()) + 1
+    first = torch.full((G,), B, dtype=torch.long, device=at).scatter_reduce(0, gid, torch.arange(B, device=at), "amin")
+    delta = torch.zeros_like(pre.init[first])  # (G, d) float32, on the device of block ``layer`` (where it is added)
     adam = _RowAdam(delta, config.v_lr)
-    init_norm = pre.init.norm(dim=1)  # (B,)
-    at = delta.device  # the per-request bookkeeping lives with delta
+    init_norm = pre.init.norm(dim=1)  # (B,): members of a group share their anchor output
     active = torch.ones(B, dtype=torch.bool, device=at)
     loss_out = torch.full((B,), float("nan"), device=at)
     prob_out = torch.zeros(B, device=at)
     steps = torch.zeros(B, dtype=torch.long, device=at)
-    hits = torch.zeros(B, dtype=torch.long, device=at)  # steps at which target_new was the argmax everywhere
+    hits = torch.zeros(G, dtype=torch.long, device=at)  # steps at which target_new was the argmax everywhere
     kl_init = None
     with frozen(model), attention_impl(model, "eager" if device.type == "cpu" else None):
         for it in range(config.v_num_grad_steps):
             act = torch.nonzero(active).squeeze(1)
-            delta_p = delta[act].clone().requires_grad_(True)  # (A, d)
-            out = run.step(delta_p, act, active)
+            gact, pos = torch.unique(gid[act], return_inverse=True)  # active groups; request -> row among them
+            delta_p = delta[gact].clone().requires_grad_(True)  # (Ga, d)
+            d_req = delta_p[pos]  # (A, d): each request reads its group's delta
+            out = run.step(d_req, act, active)
             kl_init = out.kl_logp.detach().clone() if kl_init is None else kl_init  # every request is active at step 0
             kl = config.kl_factor * (out.kl_logp.exp() * (out.kl_logp - kl_init[act])).sum(-1)  # KL(p_delta || p_0)
-            loss = out.nll + kl + config.v_weight_decay * delta_p.norm(dim=1) / init_norm[act] ** 2  # (A,)
+            loss = out.nll + kl + config.v_weight_decay * d_req.norm(dim=1) / init_norm[act] ** 2  # (A,)
             loss_out[act], prob_out[act], steps[act] = loss.detach(), torch.exp(-out.nll.detach()), it
-            hits[act] += out.argmax_ok.long()
-            done = _stopped(config, loss.detach(), hits[act])
+            zeros = torch.zeros(len(gact), device=at)
+            missed = zeros.index_add(0, pos, (~out.argmax_ok).float())  # members whose target is not the argmax
+            hits[gact] += (missed == 0).long()
+            worst = zeros.scatter_reduce(0, pos, loss.detach(), "amax", include_self=False)
+            done = _stopped(config, worst, hits[gact])  # (Ga,)
             if it == config.v_num_grad_steps - 1 or bool(done.all()):
                 break
-            loss.sum().backward()
-            adam.step(delta, act[~done], delta_p.grad[~done], config.clamp_norm_factor * init_norm[act[~done]])
-            active[act[done]] = False
+            size = zeros.index_add(0, pos, torch.ones_like(loss))
+            (zeros.index_add(0, pos, loss) / size).sum().backward()  # each group: the mean of its members' losses
+            adam.step(delta, gact[~done], delta_p.grad[~done], config.clamp_norm_factor * init_norm[first[gact[~done]]])
+            active[act[done[pos]]] = False
+    delta = delta[gid]  # (B, d): each request's group's
     if not torch.isfinite(delta).all():
         bad = [requests[i].case_id for i in torch.nonzero(~torch.isfinite(delta).all(1)).squeeze(1).tolist()]
         raise SolveError(f"target optimisation produced non-finite vectors for requests {bad}")

@@ -590,10 +590,57 @@ def test_an_edit_of_the_same_key_supersedes_the_earlier_one(fresh, tokenizer):
     assert [f.subject for f in ed.earlier_facts] == ["Xanadu", "Leonardo"] and ed.n_earlier == 2
     assert all(torch.allclose(ed.earlier[l], before[l], rtol=0, atol=1e-9 * float(before[l].abs().max()))
                for l in (1, 2))
-    # another fact read from the same key (the same subject after the same text) is another fact: it stays
-    ed = _editor(fresh("llama"), tokenizer)
+    # another fact read from the same key (the same subject after the same text) is another fact: without
+    # share_key_targets it stays (with it, it is carried: test_an_earlier_fact_of_the_key_is_carried...)
+    ed = _editor(fresh("llama"), tokenizer, share_key_targets=False)
     ed.edit(REQUESTS)
     assert not ed.edit(SAME_KEY).superseded and ed.n_earlier == 3
+
+
+def test_an_earlier_fact_of_the_key_is_carried_into_the_new_edit(fresh, tokenizer, tmp_path, caplog):
+    """share_key_targets: a new fact of an earlier edited fact's key edits that fact again with it (one
+    target vector for both, the earlier key superseded): the same edit as asking both explicitly; it
+    travels with the ledger (a reload carries it again), and undo puts the earlier fact back."""
+    model, twin = fresh("llama"), fresh("llama")
+    ed = _editor(model, tokenizer, ledger=tmp_path / "l")
+    ref = _editor(twin, tokenizer, share_key_targets=True)
+    for e in (ed, ref):
+        e.edit(REQUESTS)
+    res = ed.edit(SAME_KEY)
+    want = ref.edit(SAME_KEY + REQUESTS[1:], supersede_edits=True)  # the earlier fact asked again by hand
+    assert res.carried == REQUESTS[1:] and res.requests == SAME_KEY + REQUESTS[1:]
+    assert [f.subject for _, f in res.superseded] == ["Lionel Messi"] == [f.subject for _, f in want.superseded]
+    assert res.targets.provenance["shared_keys"] == [[0, 1]] and torch.equal(res.targets.targets[0], res.targets.targets[1])
+    assert_same(model, snapshot(twin))
+    assert [f.prompt for f in ed.earlier_facts] == [REQUESTS[0].prompt, SAME_KEY[0].prompt, REQUESTS[1].prompt]
+    entry = Ledger.open(tmp_path / "l").batches[-1]
+    assert entry["carried"] == 1 and entry["n_requests"] == 2 and entry["superseded"] == [[1, 1]]
+    assert Ledger.open(tmp_path / "l").summary()["carried"] == 1
+    # a reload knows both facts of the key: a third fact of it carries the two
+    loaded = fresh("llama")
+    shutil.copytree(tmp_path / "l", tmp_path / "copy")  # (``ed`` goes on writing the original)
+    again = lmedit.Editor.load(loaded, tokenizer, tmp_path / "copy", covariances=spd_covariances(loaded, [1, 2]))
+    third = [lmedit.EditRequest(REQUESTS[1].prompt + " and whose pet is a", REQUESTS[1].subject, "cat", "dog")]
+    res3 = again.edit(third)
+    assert [r.prompt for r in res3.carried] == [SAME_KEY[0].prompt, REQUESTS[1].prompt]
+    assert res3.targets.provenance["shared_keys"] == [[0, 1, 2]]
+    # undo puts the earlier facts (and their keys) back
+    before = {l: e.clone() for l, e in ed.earlier.items()}
+    facts = list(ed.earlier_facts)
+    res_b = ed.edit(third)
+    assert len(res_b.carried) == 2
+    ed.undo()
+    assert ed.earlier_facts == facts
+    assert all(torch.allclose(ed.earlier[l], before[l], rtol=0, atol=1e-9 * float(before[l].abs().max())) for l in before)
+    # given targets were computed without the earlier fact: it is not carried, with a warning
+    tr = ed.compute_targets(third)
+    with caplog.at_level("WARNING", logger="lmedit.editor"):
+        res4 = ed.edit(third, targets=tr)
+    assert "computed without them" in caplog.text and not res4.carried
+    # a sequential method, or the option off, carries nothing
+    off = _editor(fresh("llama"), tokenizer, share_key_targets=False)
+    off.edit(REQUESTS)
+    assert not off.edit(SAME_KEY).carried
 
 
 def test_superseding_without_a_kept_key_warns_and_keeps_it(fresh, tokenizer, caplog):

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/same_key.py [--pairs 16] [--method encore] [--out results/reedit] [--name same_key_shared.json]
+        [--arms "together;apart"] [--set v_num_grad_steps=50,...]
 
 A key is the MLP input at the subject's last token, so two CounterFact records with the same subject
 after the same text (e.g. "{} was founded in" and "{}, that originated in") share it, whatever
@@ -23,7 +24,9 @@ unedited model:
 results/reedit/same_key.json was measured before ``share_key_targets`` existed, with an ``apart`` arm
 that superseded by key (commit 451d7d4; the reason it no longer does). Per fact group: efficacy
 (target_new beats target_true, mean log-probability per token) and the argmax rate (every token of
-target_new, teacher forced), in %. Writes OUT/NAME and prints a table.
+target_new, teacher forced), in %, and the mean target-optimisation steps of the facts' vectors
+(those of batch 2 where there are two). ``--set`` applies KEY=VALUE overrides to every arm. Writes
+OUT/NAME and prints a table.
 """
 
 from __future__ import annotations
@@ -36,9 +39,13 @@ from pathlib import Path
 
 import lmedit
 from lmedit._runtime import configure_threads
+from lmedit.cli import parse_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reedit import DATA, ROOT, scores  # noqa: E402
+
+
+ARMS = ("together", "together, own vectors", "apart", "apart, keep")
 
 
 def main() -> int:
@@ -48,6 +55,8 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=str(ROOT / "results" / "reedit"))
     ap.add_argument("--name", default="same_key_shared.json")
+    ap.add_argument("--arms", default="together;together, own vectors;apart;apart, keep")
+    ap.add_argument("--set", default="", help="KEY=VALUE overrides for every arm, comma-separated")
     args = ap.parse_args()
     threads = configure_threads()
     groups: dict[tuple[str, str], list] = {}
@@ -56,27 +65,32 @@ def main() -> int:
     pairs = [g[:2] for g in groups.values() if len(g) >= 2 and g[0].target_new != g[1].target_new][:args.pairs]
     first, second = [p[0] for p in pairs], [p[1] for p in pairs]
     rows = []
-    for arm in ("together", "together, own vectors", "apart", "apart, keep"):
+    sets = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set.split(",") if kv)}
+    for arm in args.arms.split(";"):
+        if arm not in ARMS:
+            ap.error(f"--arms: unknown arm {arm!r}; choose from {ARMS}")
         model, tok = lmedit.load_model()
         editor = lmedit.Editor(model, tok, args.method,
-                               **({"share_key_targets": False} if "own" in arm or "keep" in arm else {}))
+                               **{**sets, **({"share_key_targets": False} if "own" in arm or "keep" in arm else {})})
         t0 = time.perf_counter()
         batches = [first + second] if arm.startswith("together") else [first, second]
         for b in batches:
-            editor.edit(b)
+            res = editor.edit(b)
         rows.append({"arm": arm, "seconds": time.perf_counter() - t0, "first": scores(model, tok, first),
-                     "second": scores(model, tok, second)})
+                     "second": scores(model, tok, second), "steps": float(res.targets.steps.float().mean()),
+                     "carried": len(res.carried)})
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / args.name).write_text(json.dumps({
-        "pairs": [[r.to_dict() for r in p] for p in pairs], "method": args.method, "threads": threads, "rows": rows},
+        "pairs": [[r.to_dict() for r in p] for p in pairs], "method": args.method, "set": sets, "threads": threads,
+        "rows": rows},
         indent=1))
     print(f"\n{args.method}, {len(pairs)} pairs of facts sharing a key (efficacy / argmax, %)")
-    print("| arm | first facts | second facts |\n|---|---|---|")
+    print("| arm | first facts | second facts | steps |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['first']['efficacy']:.1f} / {r['first']['argmax']:.1f} | "
-              f"{r['second']['efficacy']:.1f} / {r['second']['argmax']:.1f} |")
+              f"{r['second']['efficacy']:.1f} / {r['second']['argmax']:.1f} | {r['steps']:.1f} |")
     return 0
 
 

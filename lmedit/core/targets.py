@@ -13,7 +13,9 @@ template (loss as in MEMIT's ``compute_z``):
              + kl_factor * KL(p_delta || p_0) at the subject's last token of "{subject} is a"
              + v_weight_decay * ||delta|| / ||init||^2
 
-with Adam and ||delta|| clamped to clamp_norm_factor * ||init||. A request stops once its loss is
+with Adam and ||delta|| clamped to clamp_norm_factor * ||init||. Requests that share a key (the same
+tokens up to the subject's last one; ``share_key_targets``) share one delta: its loss is the mean of
+theirs, for up to ``v_num_grad_steps`` steps per request. A request stops once its loss is
 below early_stop_loss, or (``early_stop="most_probable"``, ENCORE's most-probable early stopping)
 once target_new has been the most probable continuation, token by token (teacher forced), on all
 of its prompts at ``mpes_extra_steps + 1`` steps (counted, as ENCORE does, not necessarily in a
@@ -84,9 +86,11 @@ class TargetConfig(Config):
                               "still optimised)", choices=("all", "plain"))
     share_key_targets: bool = param(True, "requests of one edit whose keys are the same (the same tokens up to the "
                                     "subject's last one, e.g. two relations of a subject whose prompts begin with it) "
-                                    "get one target vector, optimised for all of their facts; alone, each gets its own "
-                                    "and the edit writes a compromise at the one key that neither fact's target_new "
-                                    "wins (results/README.md, 'Two facts read from one key')")
+                                    "get one target vector, optimised for all of their facts (for up to v_num_grad_steps "
+                                    "per fact); alone, each gets its own and the edit writes a compromise at the one key "
+                                    "that neither fact's target_new wins (results/README.md, 'Two facts read from one "
+                                    "key'). With preserve_edits and supersede_edits, earlier edited facts of a request's "
+                                    "key are edited again with it")
     chunk_requests: int = param(0, "requests optimised together; 0: all up to 256 on a CUDA device, else 64 (either "
                                 "split further to fit the memory budget)", min=0)
     compute_dtype: str = param("model", "dtype of the optimisation's forward passes; 'auto': bfloat16 where its "
@@ -607,7 +611,9 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
                     groups: Sequence[int]) -> TargetResult:
     """One chunk's vectors. ``groups`` (one per request): requests of one group share a key, so one delta
     (a row of ``delta``) serves them all; its loss is the mean of theirs, and it stops once each of
-    them would stop alone (its members' worst loss, steps at which every member's target is the argmax).
+    them would stop alone (its members' worst loss, steps at which every member's target is the argmax),
+    or after ``v_num_grad_steps`` per member (the steps they would have had alone: one vector for two
+    facts needs more than one for one; results/README.md, "Two facts read from one key").
     With one request per group this is each request's own optimisation, bit for bit."""
     device = model_device(model)
     lay = build_layout(tokenizer, requests, templates, _counted(tokenizer, templates, config)).to(device)
@@ -627,9 +633,11 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     prob_out = torch.zeros(B, device=at)
     steps = torch.zeros(B, dtype=torch.long, device=at)
     hits = torch.zeros(G, dtype=torch.long, device=at)  # steps at which target_new was the argmax everywhere
+    size = torch.zeros(G, dtype=torch.long, device=at).index_add(0, gid, torch.ones_like(gid))
+    last = config.v_num_grad_steps * size - 1  # per group: its last step (the loss only, as in the reference)
     kl_init = None
     with frozen(model), attention_impl(model, "eager" if device.type == "cpu" else None):
-        for it in range(config.v_num_grad_steps):
+        for it in range(int(last.max()) + 1):
             act = torch.nonzero(active).squeeze(1)
             gact, pos = torch.unique(gid[act], return_inverse=True)  # active groups; request -> row among them
             delta_p = delta[gact].clone().requires_grad_(True)  # (Ga, d)
@@ -643,11 +651,10 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
             missed = zeros.index_add(0, pos, (~out.argmax_ok).float())  # members whose target is not the argmax
             hits[gact] += (missed == 0).long()
             worst = zeros.scatter_reduce(0, pos, loss.detach(), "amax", include_self=False)
-            done = _stopped(config, worst, hits[gact])  # (Ga,)
-            if it == config.v_num_grad_steps - 1 or bool(done.all()):
+            done = _stopped(config, worst, hits[gact]) | (last[gact] == it)  # (Ga,)
+            if bool(done.all()):
                 break
-            size = zeros.index_add(0, pos, torch.ones_like(loss))
-            (zeros.index_add(0, pos, loss) / size).sum().backward()  # each group: the mean of its members' losses
+            (zeros.index_add(0, pos, loss) / size[gact]).sum().backward()  # each group: the mean of its members' losses
             adam.step(delta, gact[~done], delta_p.grad[~done], config.clamp_norm_factor * init_norm[first[gact[~done]]])
             active[act[done[pos]]] = False
     delta = delta[gid]  # (B, d): each request's group's

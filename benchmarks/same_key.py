@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/same_key.py [--pairs 16] [--method encore] [--out results/reedit] [--name same_key_shared.json]
         [--arms "together;apart"] [--set v_num_grad_steps=50,...]
+    python benchmarks/same_key.py --census [--batch-size 100 --first 2000]
 
 A key is the MLP input at the subject's last token, so two CounterFact records with the same subject
 after the same text (e.g. "{} was founded in" and "{}, that originated in") share it, whatever
@@ -26,7 +27,10 @@ that superseded by key (commit 451d7d4; the reason it no longer does). Per fact 
 (target_new beats target_true, mean log-probability per token) and the argmax rate (every token of
 target_new, teacher forced), in %, and the mean target-optimisation steps of the facts' vectors
 (those of batch 2 where there are two). ``--set`` applies KEY=VALUE overrides to every arm. Writes
-OUT/NAME and prints a table.
+OUT/NAME and prints a table. ``--census`` only counts (tokenizer only, no edit): the records of the
+file (conflicts left out) that share a key with another, and those in a batch of ``--batch-size``
+among the first ``--first`` that share a key with another record of their batch or of an earlier
+one.
 """
 
 from __future__ import annotations
@@ -48,6 +52,28 @@ from reedit import DATA, ROOT, scores  # noqa: E402
 ARMS = ("together", "together, own vectors", "apart", "apart, keep")
 
 
+def census(args) -> int:
+    from lmedit.core.targets import shared_key_groups
+
+    reqs = lmedit.load_requests(args.data, drop_conflicts=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lmedit.models.embedded_model_dir())
+    groups = shared_key_groups(tok, reqs)
+    sizes: dict[int, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    shared = sum(1 for g in groups if sizes[g] > 1)
+    first = groups[:args.first]
+    in_batch = sum(1 for i, g in enumerate(first)
+                   if first[i - i % args.batch_size:i - i % args.batch_size + args.batch_size].count(g) > 1)
+    earlier = sum(1 for i, g in enumerate(first) if g in first[:i - i % args.batch_size])
+    print(f"{args.data}: {len(reqs)} records (conflicts left out), {shared} share a key with another "
+          f"({sum(1 for n in sizes.values() if n > 1)} keys); among the first {len(first)} in batches of "
+          f"{args.batch_size}: {in_batch} share a key within their batch, {earlier} with an earlier batch")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=16)
@@ -57,7 +83,12 @@ def main() -> int:
     ap.add_argument("--name", default="same_key_shared.json")
     ap.add_argument("--arms", default="together;together, own vectors;apart;apart, keep")
     ap.add_argument("--set", default="", help="KEY=VALUE overrides for every arm, comma-separated")
+    ap.add_argument("--census", action="store_true", help="only count the records that share a key")
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--first", type=int, default=2000)
     args = ap.parse_args()
+    if args.census:
+        return census(args)
     threads = configure_threads()
     groups: dict[tuple[str, str], list] = {}
     for r in lmedit.load_requests(args.data, drop_conflicts=True):

@@ -606,6 +606,16 @@ def _counted(tokenizer, templates: Sequence[str], config: TargetConfig) -> list[
     return [not chat(t) for t in templates]
 
 
+def _group_rows(groups: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gid, first, size) of a chunk's key groups: per request (B,) its group's row of delta, numbered in
+    order of the group ids; per group (G,) its first request and its number of requests."""
+    gid = torch.unique(torch.as_tensor(list(groups)), return_inverse=True)[1].to(device)
+    B, G = len(gid), int(gid.max()) + 1
+    first = torch.full((G,), B, dtype=torch.long, device=device).scatter_reduce(
+        0, gid, torch.arange(B, device=device), "amin")
+    return gid, first, torch.zeros(G, dtype=torch.long, device=device).index_add(0, gid, torch.ones_like(gid))
+
+
 def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[EditRequest],
                     templates: Sequence[str], layer: int, config: TargetConfig, anchor: str,
                     groups: Sequence[int]) -> TargetResult:
@@ -622,9 +632,8 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
         pre = _prefix_pass(model, adapter, lay, layer, anchor)
     run = _Resumed(model, adapter, lay, pre, layer)
     at = pre.init.device  # the per-request bookkeeping lives with delta
-    gid = torch.unique(torch.as_tensor(list(groups)), return_inverse=True)[1].to(at)  # (B,) request -> row of delta
-    G = int(gid.max()) + 1
-    first = torch.full((G,), B, dtype=torch.long, device=at).scatter_reduce(0, gid, torch.arange(B, device=at), "amin")
+    gid, first, size = _group_rows(groups, at)
+    G = len(first)
     delta = torch.zeros_like(pre.init[first])  # (G, d) float32, on the device of block ``layer`` (where it is added)
     adam = _RowAdam(delta, config.v_lr)
     init_norm = pre.init.norm(dim=1)  # (B,): members of a group share their anchor output
@@ -633,7 +642,6 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     prob_out = torch.zeros(B, device=at)
     steps = torch.zeros(B, dtype=torch.long, device=at)
     hits = torch.zeros(G, dtype=torch.long, device=at)  # steps at which target_new was the argmax everywhere
-    size = torch.zeros(G, dtype=torch.long, device=at).index_add(0, gid, torch.ones_like(gid))
     last = config.v_num_grad_steps * size - 1  # per group: its last step (the loss only, as in the reference)
     kl_init = None
     with frozen(model), attention_impl(model, "eager" if device.type == "cpu" else None):
@@ -657,7 +665,12 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
             (zeros.index_add(0, pos, loss) / size[gact]).sum().backward()  # each group: the mean of its members' losses
             adam.step(delta, gact[~done], delta_p.grad[~done], config.clamp_norm_factor * init_norm[first[gact[~done]]])
             active[act[done[pos]]] = False
-    delta = delta[gid]  # (B, d): each request's group's
+    return _chunk_result(requests, adapter, pre, run, delta[gid], loss_out, steps, prob_out)
+
+
+def _chunk_result(requests, adapter: ModelAdapter, pre: _Prefix, run: _Resumed, delta: torch.Tensor,
+                  loss: torch.Tensor, steps: torch.Tensor, prob: torch.Tensor) -> TargetResult:
+    """A chunk's result from each request's optimised ``delta`` (B, d); refuses non-finite vectors."""
     if not torch.isfinite(delta).all():
         bad = [requests[i].case_id for i in torch.nonzero(~torch.isfinite(delta).all(1)).squeeze(1).tolist()]
         raise SolveError(f"target optimisation produced non-finite vectors for requests {bad}")
@@ -665,7 +678,7 @@ def _optimise_chunk(model, tokenizer, adapter: ModelAdapter, requests: Sequence[
     if run.post_norm is not None:
         with torch.no_grad():
             z_delta = _post_norm_shift(run.post_norm, pre.o_plain, delta)
-    return TargetResult(targets=(pre.z0 + z_delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss_out.cpu(),
-                        steps=(steps + 1).cpu(), target_prob=prob_out.cpu(),
+    return TargetResult(targets=(pre.z0 + z_delta).cpu(), init=pre.init.cpu(), delta=delta.cpu(), loss=loss.cpu(),
+                        steps=(steps + 1).cpu(), target_prob=prob.cpu(),
                         stats={"forward_tokens": pre.tokens + run.tokens},
                         value=None if adapter.post_mlp_norm is not None else (pre.v0.to(delta.device) + delta).cpu())

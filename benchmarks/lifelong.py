@@ -314,7 +314,7 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
     W0 = editable_weights(model, adapter)  # before a ledger is replayed onto the model
     editor = open_editor(method, model, tok, Path(args.out) / "ledgers" / label, args, overrides)
     W0 = {l: W0[l] for l in editor.hparams.layers}
-    done = editor.ledger.n_requests if editor.ledger else 0
+    done = editor.ledger.n_asked if editor.ledger else 0  # records of this run (not facts carried again)
     if protect and not done:  # once, before the first batch; a resumed run has them from its ledger
         facts, weight = protected_facts(protect, args)
         t0 = time.perf_counter()

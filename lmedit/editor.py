@@ -492,6 +492,8 @@ class Editor:
         mine = set(groups[:len(reqs)])
         found = [r for r, g in zip(candidates, groups[len(reqs):]) if g in mine]
         if found and targets is not None:
+            if targets.provenance.get("requests") == [(r.prompt, r.subject, r.target_new) for r in [*reqs, *found]]:
+                return found  # the vectors of an edit that carried them (result.targets, reused after undo)
             log.warning("share_key_targets: %d earlier edited fact(s) share a key with these requests, but the given "
                         "targets were computed without them; their keys stay preserved", len(found))
             return []
@@ -502,8 +504,9 @@ class Editor:
         """``supersede_edits``: the earlier edited facts (place in ``earlier_facts``, fact) that a request of
         this edit asks again (the same subject and prompt), and per layer their stored keys (R, d_in) and
         weights (R,), whose w k k^T leaves the preserved sum. Other facts that share a key (the same
-        subject after the same text) stay: kept, the earlier one holds better (results/README.md, "Two
-        facts read from one key"). A fact whose key is not kept stays, with a warning (with
+        subject after the same text) stay, unless :meth:`_carried` appended them to ``reqs`` (then they
+        are asked again); kept by an edit without them, the earlier one holds better (results/README.md,
+        "Two facts read from one key"). A fact whose key is not kept stays, with a warning (with
         ``refresh_earlier_keys`` it leaves the facts read again, and the sums of the layers this edit
         does not touch keep it)."""
         if not (hp.preserve_edits and hp.supersede_edits and self.earlier_facts):
@@ -590,7 +593,9 @@ class Editor:
         back in another process, or into another Editor whose method shares the target layer, site,
         settings and templates (MEMIT and EMMET with the embedded preset), with :meth:`load_targets`.
         Target vectors do not depend on how requests are chunked, so a large batch can be computed
-        piece by piece and joined with ``TargetResult.concat`` (benchmarks/distributions.py resumes so).
+        piece by piece and joined with ``TargetResult.concat`` (benchmarks/distributions.py resumes so),
+        as long as no two requests that share a key (``share_key_targets``) fall in different pieces:
+        their one vector is optimised for both, and an edit refuses pieces computed apart.
         """
         reqs = as_requests(requests)
         hp = resolve_hparams(self.model, self.method, hparams=self.hparams, **overrides)[1] if overrides else self.hparams

@@ -123,7 +123,13 @@ class Ledger:
 
     @property
     def n_requests(self) -> int:
+        """Requests edited, earlier facts carried again with a batch (``share_key_targets``) included."""
         return sum(b["n_requests"] for b in self.batches)
+
+    @property
+    def n_asked(self) -> int:
+        """Requests the batches were given: :attr:`n_requests` without the earlier facts carried again."""
+        return self.n_requests - sum(b.get("carried", 0) for b in self.edited_batches())
 
     @property
     def n_batches(self) -> int:

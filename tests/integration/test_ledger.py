@@ -616,6 +616,7 @@ def test_an_earlier_fact_of_the_key_is_carried_into_the_new_edit(fresh, tokenize
     entry = Ledger.open(tmp_path / "l").batches[-1]
     assert entry["carried"] == 1 and entry["n_requests"] == 2 and entry["superseded"] == [[1, 1]]
     assert Ledger.open(tmp_path / "l").summary()["carried"] == 1
+    assert Ledger.open(tmp_path / "l").n_requests == 4 and Ledger.open(tmp_path / "l").n_asked == 3
     # a reload knows both facts of the key: a third fact of it carries the two
     loaded = fresh("llama")
     shutil.copytree(tmp_path / "l", tmp_path / "copy")  # (``ed`` goes on writing the original)
@@ -632,6 +633,15 @@ def test_an_earlier_fact_of_the_key_is_carried_into_the_new_edit(fresh, tokenize
     ed.undo()
     assert ed.earlier_facts == facts
     assert all(torch.allclose(ed.earlier[l], before[l], rtol=0, atol=1e-9 * float(before[l].abs().max())) for l in before)
+    # the edit's own vectors (those of the carried facts too) are reused after its undo, carrying again
+    undone = snapshot(model)
+    with caplog.at_level("WARNING", logger="lmedit.editor"):
+        reused = ed.edit(third, targets=res_b.targets)
+    assert len(reused.carried) == 2 and "computed without them" not in caplog.text
+    for l in reused.deltas:
+        assert torch.equal(reused.deltas[l], res_b.deltas[l])
+    ed.undo()
+    assert_same(model, undone)
     # given targets were computed without the earlier fact: it is not carried, with a warning
     tr = ed.compute_targets(third)
     with caplog.at_level("WARNING", logger="lmedit.editor"):

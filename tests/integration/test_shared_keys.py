@@ -79,6 +79,22 @@ def test_requests_sharing_a_key_get_one_vector_that_serves_all_of_them(make_tiny
     assert both[0] < _nll(model, tokenizer, adapter, 1, PLAYS, own.delta[2])
 
 
+def test_chunks_in_key_order_give_the_vectors_of_one_chunk(make_tiny, tokenizer):
+    """Requests sharing a key are optimised in one chunk wherever they stand; the results come back in
+    the requests' order."""
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    reqs = [PLAYS, OTHER, BORN]
+    hp = TargetConfig(v_num_grad_steps=5, v_lr=0.5, clamp_norm_factor=4.0, early_stop_loss=0.0)
+    one = compute_targets(model, tokenizer, adapter, reqs, TEMPLATES, 1, hp)
+    split = compute_targets(model, tokenizer, adapter, reqs, TEMPLATES, 1, dataclasses.replace(hp, chunk_requests=1))
+    assert torch.equal(split.delta[0], split.delta[2]) and split.steps.tolist() == [10, 5, 10]
+    scale = float(one.delta.norm())
+    assert float((split.delta - one.delta).norm()) < 1e-2 * scale  # padding rounding only
+    alone = compute_targets(model, tokenizer, adapter, [OTHER], TEMPLATES, 1, hp)
+    assert float((split.delta[1] - alone.delta[0]).norm()) < 1e-2 * float(alone.delta.norm())
+
+
 def test_a_group_stops_once_every_member_would_stop(make_tiny, tokenizer):
     model = make_tiny("llama")
     adapter = get_adapter(model)

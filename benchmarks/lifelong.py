@@ -254,18 +254,20 @@ def frozen_targets(args) -> FrozenTargets:
         model, tok = load(args)
         editor = lmedit.Editor(model, tok, "memit", layers=[frozen.layer], progress=not args.quiet,
                                share_key_targets=False, **frozen.config)
-        t0 = time.perf_counter()
-        tr = editor.compute_targets(missing)
-        got = [tr.provenance["layer"], tr.provenance["anchor"], tr.provenance["config"], tr.provenance["templates"]]
-        if json.dumps(got, sort_keys=True) != json.dumps([frozen.layer, frozen.anchor, frozen.config, frozen.templates],
-                                                         sort_keys=True):
-            raise SystemExit("--frozen-targets: the embedded MEMIT preset with the files' settings computes targets at "
-                             "another site or with other templates than the files'; compute the missing ones with the "
-                             "tool that wrote them")
-        extra.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(json.dumps(tr.provenance["requests"]).encode()).hexdigest()[:12]
-        editor.save_targets(tr, extra / f"{digest}.safetensors")
-        print(f"frozen targets: computed the {len(missing)} missing on the unedited model "
+        t0, n_missing = time.perf_counter(), len(missing)
+        while missing:  # records the writer dropped may conflict with each other too: one file per conflict-free set
+            part, missing = lmedit.requests.drop_conflicts(missing)
+            tr = editor.compute_targets(part)
+            got = [tr.provenance[k] for k in ("layer", "anchor", "config", "templates")]
+            if json.dumps(got, sort_keys=True) != json.dumps([frozen.layer, frozen.anchor, frozen.config,
+                                                              frozen.templates], sort_keys=True):
+                raise SystemExit("--frozen-targets: the embedded MEMIT preset with the files' settings computes targets "
+                                 "at another site or with other templates than the files'; compute the missing ones "
+                                 "with the tool that wrote them")
+            extra.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256(json.dumps(tr.provenance["requests"]).encode()).hexdigest()[:12]
+            editor.save_targets(tr, extra / f"{digest}.safetensors")
+        print(f"frozen targets: computed the {n_missing} missing on the unedited model "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         frozen = FrozenTargets(args.frozen_targets, extra)  # refuses them if they differ in settings
     return frozen

@@ -304,3 +304,40 @@ def test_lifelong_start_picks_the_records_and_protect_refuses_an_overlap(tmp_pat
         lifelong.check_start(argparse.Namespace(**{**vars(check), "start": 0}), ["a"])
     with pytest.raises(SystemExit, match="fluency prompts"):
         lifelong.check_start(argparse.Namespace(**{**vars(check), "fluency_prompts": 4}), ["b"])
+
+
+def test_lifelong_computes_missing_frozen_targets_in_conflict_free_sets(fresh, tokenizer, covariances, tmp_path,
+                                                                         monkeypatch):
+    """benchmarks/lifelong.py --frozen-targets completes the vectors a directory lacks (records its writer
+    dropped as conflicts); two of those that conflict with each other get one file each, since one
+    computation cannot hold both, and every request of the run then has its vector."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("lifelong", Path(__file__).parents[2] / "benchmarks" / "lifelong.py")
+    lifelong = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lifelong)
+    m = fresh("llama")
+    ed = _editor(m, tokenizer, covariances, "memit")
+    given = tmp_path / "given"
+    given.mkdir()
+    ed.save_targets(ed.compute_targets(REQUESTS), given / "t.safetensors")
+    clash = [lmedit.EditRequest("The most famous painter is {}", "Leonardo", target, "Vinci")
+             for target in ("Berlin", "Madrid")]
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([r.to_dict() for r in REQUESTS + clash + OTHER]))
+    monkeypatch.setattr(lifelong, "load", lambda args: (m, tokenizer))
+    real = lmedit.Editor  # the tests' templates, not those a preset would generate on the random model
+    monkeypatch.setattr(lmedit, "Editor", lambda *a, **kw: real(*a, **{**kw, **{k: edit_kwargs("memit")[k]
+                                                                             for k in ("context_templates", "chat_prompts")}}))
+    args = argparse.Namespace(data=str(data), start=0, n=5, batch_size=2, out=str(tmp_path / "out"),
+                              frozen_targets=str(given), quiet=True)
+    frozen = lifelong.frozen_targets(args)
+    assert len(list((tmp_path / "out" / "frozen_targets").glob("*.safetensors"))) == 2
+    for batch in ([REQUESTS[0], clash[0]], [clash[1], OTHER[0]]):
+        got = frozen.for_batch(ed, batch)
+        assert [tuple(k) for k in got.provenance["requests"]] == [lifelong.request_key(r) for r in batch]
+    with pytest.raises(lmedit.RequestError, match="conflicting edits"):
+        ed.compute_targets(clash)  # why the split is needed

@@ -51,7 +51,7 @@ import torch
 
 import lmedit
 from lmedit._fs import atomic_path
-from lmedit._runtime import configure_threads
+from lmedit._runtime import configure_threads, peak_memory, resident_mb
 from lmedit.cli import parse_value
 from lmedit.core.keys import residual_stream
 from lmedit.core.corpus import load_corpus
@@ -355,7 +355,8 @@ def run_method(label: str, method: str, args, overrides: dict, protect: str | No
         # per batch: the phases' times and target steps (where a long run's time goes, batch by batch)
         phases = {k: v for k, v in res.timings.items() if isinstance(v, (int, float))}
         state.setdefault("batches", []).append({"edits": n_done, "edit_s": time.perf_counter() - t0, **phases,
-                                                "target_steps": int(res.targets.steps.sum())})
+                                                "target_steps": int(res.targets.steps.sum()),
+                                                "rss_mb": resident_mb(), **peak_memory()})  # memory stays flat?
         state["hparams"] = editor.hparams.to_dict()  # with what the first batch measured (norm_reference)
         print(f"{label}: {n_done} edits ({time.perf_counter() - t0:.0f} s)", flush=True)
         if n_done % args.eval_every == 0 or i == len(batches) - 1:

@@ -110,6 +110,15 @@ def memory_budget(device=None, given: str | int | float | None = None) -> int | 
     return available_memory(device)
 
 
+def resident_mb() -> float | None:
+    """The process's resident memory now (MiB; Linux's /proc/self/statm), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory() -> dict[str, float]:
     """The process's peak resident memory so far (MiB, from getrusage: model loading included) and,
     where CUDA is in use, the peak memory torch allocated on each GPU (MiB)."""

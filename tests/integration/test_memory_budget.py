@@ -9,7 +9,7 @@ import torch
 
 import lmedit
 from lmedit import RequestError
-from lmedit._runtime import memory_budget, parse_bytes
+from lmedit._runtime import memory_budget, parse_bytes, peak_memory, resident_mb
 from lmedit.core.layout import build_layout
 from lmedit.core.targets import TargetConfig, compute_targets, estimate_bytes, plan_chunks
 from lmedit.hooks import count_hooks
@@ -117,6 +117,18 @@ def test_budget_defaults_to_available_memory(monkeypatch):
     monkeypatch.setenv("LMEDIT_MEMORY_BUDGET", "nonsense")
     with pytest.raises(ValueError, match="LMEDIT_MEMORY_BUDGET"):
         memory_budget()
+
+
+@pytest.mark.skipif(resident_mb() is None, reason="no /proc/self/statm here")
+def test_resident_memory_follows_an_allocation_and_the_peak_keeps_it():
+    """What benchmarks/lifelong.py records per batch to show that a long run's memory stays flat."""
+    before = resident_mb()
+    block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, written, so resident
+    held = resident_mb()
+    assert held - before > 200
+    assert peak_memory()["peak_rss_mb"] >= held - 1
+    del block
+    assert resident_mb() < held - 200  # returned: a large block is its own mapping
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

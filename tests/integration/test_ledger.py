@@ -705,3 +705,32 @@ def test_superseding_travels_with_the_ledger_through_undo_and_compaction(fresh, 
     loaded = fresh("llama")
     back = lmedit.Editor.load(loaded, tokenizer, tmp_path / "l", covariances=spd_covariances(loaded, [1, 2]))
     assert [f.subject for f in back.earlier_facts] == ["Xanadu", "Lionel Messi", "Leonardo"]
+
+
+def test_ledger_cohorts_scores_every_kth_batch_before_and_after(uninterrupted, fresh, tokenizer, tmp_path, monkeypatch):
+    """benchmarks/ledger_cohorts.py: batches 1, 1 + k, ... and the last, scored on the unedited model and
+    with the whole ledger applied; a compacted ledger or --every 0 is refused."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("cohorts", Path(__file__).parents[2] / "benchmarks" / "ledger_cohorts.py")
+    cohorts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cohorts)
+    assert cohorts.cohorts(SimpleNamespace(n_batches=72, n_compacted=0, path="L"), 8) == [0, 8, 16, 24, 32, 40, 48, 56, 64, 71]
+    with pytest.raises(SystemExit, match="must be 1 or more"):
+        cohorts.cohorts(SimpleNamespace(n_batches=3, n_compacted=0, path="L"), 0)
+    with pytest.raises(SystemExit, match="is compacted"):
+        cohorts.cohorts(SimpleNamespace(n_batches=3, n_compacted=2, path="L"), 1)
+    path, weights, _ = uninterrupted
+    model = fresh("llama")
+    monkeypatch.setattr(cohorts.lmedit, "load_model", lambda name: (model, tokenizer))
+    monkeypatch.setattr(sys, "argv", ["ledger_cohorts.py", str(path), "--every", "2", "--out", str(tmp_path)])
+    assert cohorts.main() == 0
+    assert_same(model, weights)  # scored with every batch applied
+    got = json.loads((tmp_path / f"cohorts_{path.name}.json").read_text())
+    assert [r["batch"] for r in got["rows"]] == [1, 3] and got["edits"] == 3
+    assert [r["n"] for r in got["rows"]] == [len(BATCHES[0]), len(BATCHES[2])]
+    for r in got["rows"]:
+        assert r["efficacy_score"] > r["unedited_efficacy_score"]  # the edits hold, and the two models differ

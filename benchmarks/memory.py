@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_500.json"
 
 CHILD = r"""
-import gc, json, resource, sys
+import gc, json, sys
 import lmedit
-from lmedit._runtime import configure_threads
+from lmedit._runtime import configure_threads, peak_memory, resident_mb
 from lmedit.core.layout import build_layout
 from lmedit.core.targets import TargetConfig, compute_targets, estimate_bytes
 from lmedit.models.precision import working_copy
@@ -39,10 +39,10 @@ reqs = lmedit.load_requests(data)[:n]
 layer = ed.hparams.layers[-1]
 with working_copy(model, dtype) as work:
     gc.collect()
-    before = int(open("/proc/self/statm").read().split()[1]) * 4096
+    before = resident_mb() * 2**20
     est = estimate_bytes(work, ed.adapter, build_layout(tok, reqs, flat), layer)
     compute_targets(work, tok, ed.adapter, reqs, flat, layer, TargetConfig(v_num_grad_steps=3, chunk_requests=n))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_memory()["peak_rss_mb"] * 2**20
 print(json.dumps({"requests": n, "dtype": dtype, "templates": len(flat), "estimate_gib": est / 2**30,
                   "measured_gib": (peak - before) / 2**30}))
 """

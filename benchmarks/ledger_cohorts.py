@@ -52,7 +52,8 @@ def main() -> int:
     picked = cohorts(ledger, args.every)
     requests = {i: as_requests(ledger.read_batch(i).requests) for i in picked}
     model, tok = lmedit.load_model(args.model)
-    rows = {i: {"batch": i + 1, "edits_before": i * len(requests[i]), "n": len(requests[i])} for i in picked}
+    sizes = [b["n_requests"] for b in ledger.edited_batches()]
+    rows = {i: {"batch": i + 1, "edits_before": sum(sizes[:i]), "n": len(requests[i])} for i in picked}
     t0 = time.perf_counter()
     for i in picked:
         rows[i].update({f"unedited_{m}": v for m, v in evaluate_requests(model, tok, requests[i]).items() if m in METRICS})

@@ -732,5 +732,6 @@ def test_ledger_cohorts_scores_every_kth_batch_before_and_after(uninterrupted, f
     got = json.loads((tmp_path / f"cohorts_{path.name}.json").read_text())
     assert [r["batch"] for r in got["rows"]] == [1, 3] and got["edits"] == 3
     assert [r["n"] for r in got["rows"]] == [len(BATCHES[0]), len(BATCHES[2])]
+    assert [r["edits_before"] for r in got["rows"]] == [0, len(BATCHES[0]) + len(BATCHES[1])]
     for r in got["rows"]:
         assert r["efficacy_score"] > r["unedited_efficacy_score"]  # the edits hold, and the two models differ
